@@ -1,0 +1,193 @@
+"""One SIP server's receive path: bytes -> message -> transaction -> core.
+
+Everything common to the AS and the PS lives here, so each of them only
+names the methods it serves: malformed input is answered with 400 (or
+dropped when no response can be addressed, RFC 3261 18.3/16.3), OPTIONS is
+answered for every role, unknown methods get 501 and known-but-unserved ones
+405 (RFC 8.2.1), unsupported Require options 420 (8.2.2.3).  A handler that
+raises is answered with 500 and logged: no input may stop the server.
+
+Counters are plain ``collections.Counter`` objects read by the metrics page at
+scrape time, which keeps the per-message cost to a dictionary increment.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mpay.sip.message import ParseError, Request, make_response, parse
+from mpay.sip.timing import TimerSettings
+from mpay.sip.transaction import MAX_TRANSACTIONS, ServerTransaction, TransactionLayer
+
+# RFC 3261 and the extensions peers commonly send; anything else is unknown (501).
+KNOWN_METHODS = frozenset({
+    "ACK", "BYE", "CANCEL", "INFO", "INVITE", "MESSAGE", "NOTIFY", "OPTIONS", "PRACK",
+    "PUBLISH", "REFER", "REGISTER", "SUBSCRIBE", "UPDATE", "RECEIVE",
+})
+ALWAYS_ALLOWED = ("ACK", "CANCEL", "OPTIONS")
+DEFAULT_SIP_PORT = 5060
+
+Handler = Callable[[ServerTransaction, Request], None]
+
+
+class SIPTimeout(Exception):
+    """A client transaction got no final response (Timer F/B): the peer is unreachable."""
+
+
+class Core(Protocol):
+    """What a server (AS or PS) gives the endpoint: its handlers by method."""
+
+    handlers: dict[str, Handler]
+
+    def ack_received(self, request: Request, addr: Any) -> None: ...
+
+
+def response_destination(request: Request, source: tuple[str, int]) -> tuple[str, int]:
+    """RFC 3261 18.2.2 with RFC 3581 rport: where the responses to *request* go.
+
+    Stamps ``received``/``rport`` on the top Via when the sender is not where
+    its Via says (NAT), as the RFCs require, and only then: the usual case
+    costs no re-serialisation.
+    """
+    host, port = source
+    via = request.top_via
+    rport = via.rport
+    if via.host != host or rport == "":
+        via.params["received"] = host
+        if rport is not None:
+            via.params["rport"] = str(port)
+        values = request.headers.getall("Via")
+        values[0] = via.to_str()
+        request.headers.set("Via", values[0])
+        for value in values[1:]:
+            request.headers.add("Via", value)
+        if rport is not None:
+            return (host, port)
+    return (host, via.port or DEFAULT_SIP_PORT)
+
+
+class SIPEndpoint:
+    """The transaction user of one listener; delegates methods to its core."""
+
+    log = Logger()
+
+    def __init__(self, role: str, core: Core, timers: Any,
+                 settings: TimerSettings = TimerSettings(),
+                 max_transactions: int = MAX_TRANSACTIONS):
+        self.role = role
+        self.core = core
+        self.write: Callable[[bytes, Any], None] = self._not_listening
+        # Our address as peers should see it in Via and Contact; set by the transport.
+        self.sent_by: tuple[str, int] | None = None
+        self.requests: Counter = Counter()     # method -> received (retransmissions included)
+        self.responses: Counter = Counter()    # (method, status) -> sent by a transaction
+        self.parse_errors: Counter = Counter()  # "answered" | "dropped"
+        self.send_errors = 0
+        self.layer = TransactionLayer(timers, self.send, self, settings, max_transactions,
+                                      count_response=self._count_response)
+        allowed = set(core.handlers) | set(ALWAYS_ALLOWED)
+        self.allow = ", ".join(sorted(allowed))
+
+    def _not_listening(self, data: bytes, addr: Any) -> None:
+        raise RuntimeError("SIPEndpoint used before a transport was attached")
+
+    def send(self, data: bytes, addr: Any) -> None:
+        try:
+            self.write(data, addr)
+        except OSError as exc:
+            # An ICMP error or a full socket buffer is the network's answer, not a crash.
+            self.send_errors += 1
+            self.log.warn("{role}: send to {addr} failed: {error}", role=self.role, addr=addr, error=exc)
+
+    def send_request(self, request: Request, addr: tuple[str, int],
+                     on_provisional: Callable[[Any], None] | None = None) -> defer.Deferred:
+        """Send *request* as a client transaction; fires with its final response.
+
+        Fails with :class:`SIPTimeout` when the transaction gives up (64 x T1).
+        """
+        result: defer.Deferred = defer.Deferred()
+
+        def on_response(response):
+            if response.status < 200:
+                if on_provisional is not None:
+                    on_provisional(response)
+            elif not result.called:
+                result.callback(response)
+
+        def on_timeout():
+            if not result.called:
+                result.errback(SIPTimeout(f"no answer to {request.method} from {addr[0]}:{addr[1]}"))
+
+        self.layer.request(request, addr, on_response, on_timeout)
+        return result
+
+    def _count_response(self, method: str, status: int) -> None:
+        self.responses[(method if method in KNOWN_METHODS else "other", status)] += 1
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            message = parse(data)
+        except ParseError as exc:
+            self._malformed(exc, addr)
+            return
+        try:
+            if isinstance(message, Request):
+                method = message.method
+                self.requests[method if method in KNOWN_METHODS else "other"] += 1
+                self.layer.receive_request(message, response_destination(message, addr))
+            else:
+                self.layer.receive_response(message, addr)
+        except Exception:
+            # A bug on one message must not take the listener down; it is logged loudly.
+            self.log.failure("{role}: unhandled error on a message from {addr}", role=self.role, addr=addr)
+
+    def _malformed(self, exc: ParseError, addr: tuple[str, int]) -> None:
+        request = exc.message
+        if request is None or request.method == "ACK":
+            self.parse_errors["dropped"] += 1
+            self.log.debug("{role}: dropped malformed datagram from {addr}: {reason}",
+                           role=self.role, addr=addr, reason=exc.reason)
+            return
+        self.parse_errors["answered"] += 1
+        try:
+            destination = response_destination(request, addr)
+            response = make_response(request, exc.status, exc.reason)
+            self.send(response.to_bytes(), destination)
+        except Exception:
+            self.parse_errors["unanswerable"] += 1
+            self.log.failure("{role}: could not answer a malformed request from {addr}",
+                             role=self.role, addr=addr)
+            return
+        self._count_response(request.method, exc.status)
+
+    # -- TransactionUser -----------------------------------------------------
+    def request_received(self, txn: ServerTransaction, request: Request) -> None:
+        method = request.method
+        require = request.headers.getall("Require")
+        if require and method != "CANCEL":
+            # We support no option tags yet: refuse rather than half-understand (RFC 8.2.2.3).
+            txn.respond_with(420, headers=[("Unsupported", ", ".join(require))])
+            return
+        handler = self.core.handlers.get(method)
+        if handler is None:
+            if method == "OPTIONS":
+                txn.respond_with(200, headers=[("Allow", self.allow), ("Accept", "application/sdp"),
+                                               ("Supported", "")])
+            elif method in KNOWN_METHODS:
+                txn.respond_with(405, headers=[("Allow", self.allow)])
+            else:
+                txn.respond_with(501, headers=[("Allow", self.allow)])
+            return
+        try:
+            handler(txn, request)
+        except Exception:
+            self.log.failure("{role}: {method} handler failed", role=self.role, method=method)
+            if not txn.final:
+                txn.respond_with(500, "Server Internal Error")
+
+    def ack_received(self, request: Request, addr: Any) -> None:
+        self.core.ack_received(request, addr)

@@ -1,0 +1,521 @@
+"""SIP messages (RFC 3261 7, 20): a sans-IO parser and serialiser.
+
+`parse(datagram)` returns a `Request` or `Response`, or raises `ParseError` and nothing
+else.  Headers are kept as raw (name, value) pairs under their canonical long names;
+list headers (Via, Contact, Allow...) are split into one pair per element, so `get` and
+`getall` agree however the sender wrote them.  On a parsed message
+the values every layer needs (Vias, CSeq, From, To) were already validated and are
+cached; on a message built by code they are parsed on first use and cached until a
+header changes.  `to_bytes()` always writes a correct Content-Length.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator
+
+from mpay.sip.headers import (
+    KNOWN_NAMES, MAGIC_COOKIE, URI_RE, NameAddr, ParseError, SipURI, Via, header_name, is_token,
+    parse_cseq, parse_name_addr, parse_uri, parse_via, split_list,
+)
+
+__all__ = [  # the value helpers live in headers.py; callers may import all from here
+    "MAGIC_COOKIE", "MAX_HEADER_FIELDS", "MAX_HEADER_LINE_BYTES", "MAX_MESSAGE_BYTES",
+    "REASONS", "SIP_VERSION", "Headers", "NameAddr", "ParseError", "Request", "Response",
+    "SipURI", "Via", "make_response", "parse", "parse_cseq", "parse_name_addr", "parse_uri",
+    "parse_via"]
+
+MAX_MESSAGE_BYTES = 65507        # largest UDP payload over IPv4
+MAX_HEADER_LINE_BYTES = 8192     # one header field, after unfolding
+MAX_HEADER_FIELDS = 256          # header lines in one message
+MAX_CONTENT_LENGTH_DIGITS = 10
+MAX_FORWARDS = 255              # RFC 3261 20.22
+SIP_VERSION = "SIP/2.0"
+
+_MANDATORY = {"from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq"}
+# Headers that may appear once, and the error when one is repeated (RFC 4475 multi01, mcl01).
+_SINGLE = {"from": (400, "Duplicate From"), "to": (400, "Duplicate To"),
+           "call-id": (400, "Duplicate Call-ID"), "cseq": (400, "Duplicate CSeq"),
+           "content-length": (400, "Multiple Content-Length"),
+           "max-forwards": (400, "Bad Max-Forwards")}
+# Token lists are written as one line, "Allow: INVITE, ACK" (what peers expect to read);
+# addresses (Via, Route, Contact...) one per line, as RFC 3261 shows them.  Elements with
+# a quote or '<' stay on their own line: joined, an unbalanced one would swallow the rest.
+_JOINED = frozenset((
+    "accept accept-encoding accept-language allow allow-events content-encoding "
+    "content-language in-reply-to proxy-require require supported unsupported").split())
+MAX_JOINED_LINE_CHARS = 1000     # then start another line of the same header
+_FOLD_RE = re.compile(r"\n[ \t]+")
+
+REASONS: dict[int, str] = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 200: "OK", 202: "Accepted", 300: "Multiple Choices",
+    301: "Moved Permanently", 302: "Moved Temporarily", 305: "Use Proxy",
+    380: "Alternative Service", 400: "Bad Request", 401: "Unauthorized",
+    402: "Payment Required", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    406: "Not Acceptable", 407: "Proxy Authentication Required", 408: "Request Timeout",
+    410: "Gone", 412: "Conditional Request Failed", 413: "Request Entity Too Large",
+    414: "Request-URI Too Long", 415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme", 420: "Bad Extension", 421: "Extension Required",
+    423: "Interval Too Brief", 429: "Provide Referrer Identity",
+    480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected", 483: "Too Many Hops", 484: "Address Incomplete", 485: "Ambiguous",
+    486: "Busy Here", 487: "Request Terminated", 488: "Not Acceptable Here",
+    489: "Bad Event", 491: "Request Pending", 493: "Undecipherable",
+    500: "Server Internal Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Server Time-out", 505: "Version Not Supported",
+    513: "Message Too Large", 600: "Busy Everywhere", 603: "Decline",
+    604: "Does Not Exist Anywhere", 606: "Not Acceptable",
+}
+_CLASS_REASONS = {1: "Provisional", 2: "Success", 3: "Redirection", 4: "Client Error",
+                  5: "Server Error", 6: "Global Failure"}
+
+
+class Headers:
+    """Ordered, case-insensitive multi-map of header fields; compact names map to long."""
+
+    __slots__ = ("_items", "_rev")
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()):
+        # (lower-case key, name as written on the wire, value); _rev counts mutations so
+        # messages know when their parsed-header caches are stale.
+        self._items: list[tuple[str, str, str]] = []
+        self._rev = 0
+        if pairs:
+            for name, value in pairs:
+                self.add(name, value)
+
+    @staticmethod
+    def _entries(name: str, value: str) -> list[tuple[str, str, str]]:
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header value with a line break: {value!r}")
+        key, canonical, is_list = header_name(name)
+        if not is_token(canonical):
+            raise ValueError(f"bad header name {name!r}")
+        values = split_list(value) if is_list else [value.strip(" \t")]
+        return [(key, canonical, v) for v in values]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = header_name(name)[0]
+        for k, _, value in self._items:
+            if k == key:
+                return value
+        return default
+
+    def getall(self, name: str) -> list[str]:
+        key = header_name(name)[0]
+        return [value for k, _, value in self._items if k == key]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of `name`, keeping the position of the first one."""
+        entries = self._entries(name, value)
+        key = entries[0][0] if entries else header_name(name)[0]
+        items = self._items
+        where = next((i for i, item in enumerate(items) if item[0] == key), len(items))
+        items[:] = [item for item in items if item[0] != key]
+        items[where:where] = entries
+        self._rev += 1
+
+    def add(self, name: str, value: str, first: bool = False) -> None:
+        """Append a value; `first` puts it above the others of its name (a proxy's Via)."""
+        entries = self._entries(name, value)
+        items = self._items
+        if first and entries:
+            key = entries[0][0]
+            where = next((i for i, item in enumerate(items) if item[0] == key), 0)
+            items[where:where] = entries
+        else:
+            items.extend(entries)
+        self._rev += 1
+
+    def remove(self, name: str) -> None:
+        key = header_name(name)[0]
+        self._items[:] = [item for item in self._items if item[0] != key]
+        self._rev += 1
+
+    def __contains__(self, name: str) -> bool:
+        key = header_name(name)[0]
+        return any(k == key for k, _, _ in self._items)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return ((name, value) for _, name, value in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def copy(self) -> Headers:
+        other = Headers()
+        other._items = list(self._items)
+        return other
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Headers):
+            return NotImplemented
+        return [(k, v) for k, _, v in self._items] == [(k, v) for k, _, v in other._items]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self)!r})"
+
+
+class _Message:
+    """What requests and responses share: headers, body, and the parsed-value caches."""
+
+    __slots__ = ("headers", "body", "version", "_for", "_rev", "_vias", "_cseq", "_from", "_to")
+
+    def __init__(self, headers: Headers | None, body: bytes, version: str):
+        self.headers = Headers() if headers is None else headers
+        self.body = body
+        self.version = version
+        self._for: Headers | None = None
+
+    def _cache(self) -> None:
+        """Drop the parsed-header caches if the headers changed since they were filled."""
+        headers = self.headers
+        if self._for is not headers or self._rev != headers._rev:
+            self._for, self._rev = headers, headers._rev
+            self._vias = self._cseq = self._from = self._to = None
+
+    def _parsed(self, slot: str, name: str, parser):
+        self._cache()
+        value = getattr(self, slot)
+        if value is None:
+            value = parser(self.headers.get(name) or "")
+            setattr(self, slot, value)
+        return value
+
+    @property
+    def vias(self) -> list[Via]:
+        """Every Via, top first; the list is a cache: change the wire form via headers."""
+        self._cache()
+        if self._vias is None:
+            self._vias = [parse_via(v) for v in self.headers.getall("Via")]
+        return self._vias
+
+    @property
+    def top_via(self) -> Via | None:
+        vias = self.vias
+        return vias[0] if vias else None
+
+    def set_top_via(self, via: Via) -> None:
+        """Rewrite the top Via (e.g. add received/rport, RFC 3581) in the headers."""
+        items = self.headers._items
+        for i, (key, name, _) in enumerate(items):
+            if key == "via":
+                items[i] = (key, name, via.to_str())
+                self.headers._rev += 1
+                return
+        self.headers.add("Via", via.to_str())
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        """(sequence number, method); ParseError if absent or bad on a message built here."""
+        return self._parsed("_cseq", "CSeq", parse_cseq)
+
+    @property
+    def call_id(self) -> str | None:
+        return self.headers.get("Call-ID")
+
+    @property
+    def from_addr(self) -> NameAddr:
+        return self._parsed("_from", "From", parse_name_addr)
+
+    @property
+    def to_addr(self) -> NameAddr:
+        return self._parsed("_to", "To", parse_name_addr)
+
+    def _key(self) -> tuple:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        """Structural equality: same start line, header fields in order, and body."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _to_bytes(self, start_line: str) -> bytes:
+        body = self.body
+        lines = [start_line]
+        length = f"Content-Length: {len(body)}"
+        joining = ""      # the token-list header the last line holds, if it may grow
+        for key, name, value in self.headers._items:
+            if key in _JOINED and '"' not in value and "<" not in value:
+                if key == joining and len(lines[-1]) < MAX_JOINED_LINE_CHARS:
+                    lines[-1] += ", " + value
+                else:
+                    lines.append(f"{name}: {value}")
+                    joining = key
+                continue
+            joining = ""
+            if key != "content-length":
+                lines.append(f"{name}: {value}")
+            elif length:
+                lines.append(length)
+                length = ""
+        if length:
+            lines.append(length)
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+
+
+class Request(_Message):
+    """A request; `uri` is the Request-URI as received (see parse_uri to take it apart)."""
+
+    __slots__ = ("method", "uri")
+
+    def __init__(self, method: str, uri: str, headers: Headers | None = None,
+                 body: bytes = b"", version: str = SIP_VERSION):
+        super().__init__(headers, body, version)
+        self.method = method
+        self.uri = uri
+
+    def to_bytes(self) -> bytes:
+        return self._to_bytes(f"{self.method} {self.uri} {self.version}")
+
+    def _key(self) -> tuple:
+        return (self.method, self.uri, self.version, self.headers, self.body)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri} call-id={self.call_id!r}>"
+
+
+class Response(_Message):
+    """A response; `reason` defaults to the phrase of REASONS (or of the status class)."""
+
+    __slots__ = ("status", "reason")
+
+    def __init__(self, status: int, reason: str | None = None, headers: Headers | None = None,
+                 body: bytes = b"", version: str = SIP_VERSION):
+        super().__init__(headers, body, version)
+        self.status = status
+        self.reason = default_reason(status) if reason is None else reason
+
+    def to_bytes(self) -> bytes:
+        return self._to_bytes(f"{self.version} {self.status} {self.reason}")
+
+    def _key(self) -> tuple:
+        return (self.status, self.reason, self.version, self.headers, self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason} call-id={self.call_id!r}>"
+
+
+def default_reason(status: int) -> str:
+    return REASONS.get(status) or _CLASS_REASONS.get(status // 100, "Unknown")
+
+
+def make_response(request: Request, status: int, reason: str | None = None, *,
+                  to_tag: str | None = None, headers: Iterable[tuple[str, str]] = (),
+                  body: bytes = b"") -> Response:
+    """A response to `request` per RFC 3261 8.2.6: Vias in order, From, To (tagged if
+    `to_tag` and it had none), Call-ID, CSeq; then `headers`.  Works on the partial
+    request of a `ParseError` too, which is how malformed requests get their 400."""
+    src = request.headers._items
+    out = [item for item in src if item[0] == "via"]
+    for key in ("from", "to", "call-id", "cseq"):
+        item = next((item for item in src if item[0] == key), None)
+        if item is None:
+            continue
+        if key == "to" and to_tag is not None and request.to_addr.tag is None:
+            if not is_token(to_tag):
+                raise ValueError(f"bad To tag {to_tag!r}")
+            item = (key, item[1], f"{item[2]};tag={to_tag}")
+        out.append(item)
+    response_headers = Headers()
+    response_headers._items = out
+    for name, value in headers:
+        response_headers.add(name, value)
+    return Response(status, reason, response_headers, body)
+
+
+def parse(data: bytes) -> Request | Response:
+    """Parse one datagram (or one message framed by Content-Length off a stream)."""
+    try:
+        return _parse(data)
+    except ParseError:
+        raise
+    except Exception as e:  # pragma: no cover - the fuzz tests call _parse to find these
+        # Last line of defence: a parser bug must cost one 400, never the receive loop.
+        raise ParseError(400, "Malformed message") from e
+
+
+def _parse(data: bytes) -> Request | Response:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ParseError(513, "Message Too Large")
+    start = 0
+    if data[:1] in (b"\r", b"\n"):      # RFC 3261 7.5: ignore CRLFs before the start-line
+        start = len(data) - len(data.lstrip(b"\r\n"))
+    end = data.find(b"\n\r\n", start)
+    bare = data.find(b"\n\n", start, len(data) if end < 0 else end + 1)
+    if bare >= 0:
+        head_end, body_start = bare, bare + 2
+    elif end >= 0:
+        head_end, body_start = end, end + 3
+    else:                               # no blank line: tolerated, there is no body
+        head_end = body_start = len(data)
+    head = data[start:head_end].decode("utf-8", "surrogateescape")
+    if "\r" in head:
+        head = head.replace("\r\n", "\n").rstrip("\r")
+        if "\r" in head:
+            raise ParseError(400, "Bare CR in header")
+    if "\n " in head or "\n\t" in head:  # unfold: CRLF + LWS is one SP (RFC 3261 7.3.1)
+        head = _FOLD_RE.sub(" ", head)
+    lines = head.rstrip("\n").split("\n")
+    if not lines[0]:
+        raise ParseError(400, "Empty message")
+    if len(lines) > MAX_HEADER_FIELDS + 1:
+        raise ParseError(513, "Too Many Header Fields")
+    message, error = _start_line(lines[0])
+    vias: list[str] = []
+    first: dict[str, str] = {}
+    header_error = _read_headers(lines, message.headers._items, vias, first)
+    check_error = _check(message, data[body_start:], vias, first)
+    error = error or header_error or check_error
+    if error is not None:
+        if isinstance(message, Response):   # responses are dropped, never answered
+            raise ParseError(400, error[1])
+        raise ParseError(error[0], error[1], message if _addressable(message) else None)
+    return message
+
+
+def _start_line(line: str) -> tuple[Request | Response, tuple[int, str] | None]:
+    """The message the start-line begins, and its problem if the request can still be
+    answered; a broken status line or request method is not worth answering."""
+    if line[:4].upper() == "SIP/":
+        version, _, rest = line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not (code.isascii() and code.isdigit() and len(code) == 3 and code[0] in "123456"):
+            raise ParseError(400, "Bad Status-Line")
+        if version.upper() != SIP_VERSION:      # never answered, so no 505
+            raise ParseError(400, "Unsupported SIP Version")
+        return Response(int(code), reason), None
+    parts = line.split(" ")
+    if len(parts) == 3 and parts[2] == SIP_VERSION and is_token(parts[0]) and URI_RE.fullmatch(
+            parts[1]):
+        return Request(parts[0], parts[1]), None
+    words = [part for part in parts if part]
+    if not is_token(parts[0]) or len(words) < 3 or words[-1][:4].upper() != "SIP/":
+        raise ParseError(400, "Bad Request-Line")
+    request = Request(parts[0], parts[1] if len(parts) > 1 else "")
+    if len(parts) != 3:
+        return request, (400, "Bad Request-Line")
+    if URI_RE.fullmatch(parts[1]) is None:
+        return request, (400, "Bad Request-URI")
+    version = parts[2]
+    if version == SIP_VERSION or version.upper() == SIP_VERSION:
+        return request, None
+    major, dot, minor = version[4:].partition(".")
+    if version[:4].upper() == "SIP/" and dot and major.isdigit() and minor.isdigit():
+        return request, (505, "Version Not Supported")
+    return request, (400, "Bad Request-Line")
+
+
+def _read_headers(lines: list[str], items: list[tuple[str, str, str]],
+                  vias: list[str], first: dict[str, str]) -> tuple[int, str] | None:
+    """Collect the (unfolded) header lines into `items`, the Via values into `vias` and
+    the first of each single-valued header into `first`.  The first problem is returned
+    and its line skipped, so a request with one broken header can still be answered."""
+    error = None
+    append = items.append
+    known = KNOWN_NAMES.get
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        entry = known(name) if colon else None
+        if entry is None:
+            name = name.rstrip(" \t")
+            entry = (known(name) or known(name.lower())) if colon else None
+            if entry is None:
+                if not (colon and is_token(name)):
+                    error = error or (400, "Bad header field")
+                    continue
+                entry = (name.lower(), name, False)
+        if len(line) > MAX_HEADER_LINE_BYTES // 4 and _too_long(line):
+            error = error or (513, "Header Field Too Large")
+            continue
+        key, name, is_list = entry
+        value = value.strip(" \t")
+        if is_list and ("," in value or not value):
+            for element in split_list(value):
+                append((key, name, element))
+                if key == "via":
+                    vias.append(element)
+            continue
+        append((key, name, value))
+        if key == "via":
+            vias.append(value)
+        elif key in _SINGLE:
+            if key in first:
+                error = error or _SINGLE[key]
+            else:
+                first[key] = value
+    return error
+
+
+def _too_long(line: str) -> bool:
+    return len(line) > MAX_HEADER_LINE_BYTES or (
+        not line.isascii()
+        and len(line.encode("utf-8", "surrogateescape")) > MAX_HEADER_LINE_BYTES)
+
+
+def _check(message: Request | Response, body: bytes, vias: list[str],
+           first: dict[str, str]) -> tuple[int, str] | None:
+    """Validate the mandatory headers, fill the caches, cut the body to Content-Length."""
+    error = None
+    length = first.get("content-length")
+    if length is not None:
+        if not (length.isascii() and length.isdigit()) or len(length) > MAX_CONTENT_LENGTH_DIGITS:
+            error = (400, "Bad Content-Length")
+        elif int(length) > len(body):
+            error = (400, "Content-Length Exceeds Body")
+        else:
+            body = body[:int(length)]
+    message.body = body
+    message._cache()
+    if not vias:
+        return error or (400, "Missing Via")
+    for key, title in _MANDATORY.items():
+        if key not in first:
+            return error or (400, f"Missing {title}")
+    for slot, parser, value, problem in (
+            ("_from", parse_name_addr, first["from"], "Bad From"),
+            ("_to", parse_name_addr, first["to"], "Bad To"),
+            ("_cseq", parse_cseq, first["cseq"], "Bad CSeq"),
+            ("_vias", _parse_vias, vias, "Bad Via")):
+        try:
+            setattr(message, slot, parser(value))
+        except ParseError:
+            error = error or (400, problem)
+    call_id = first["call-id"]
+    if not call_id or " " in call_id or "\t" in call_id:
+        error = error or (400, "Bad Call-ID")
+    if isinstance(message, Request) and message._cseq and message._cseq[1] != message.method:
+        error = error or (400, "CSeq Method Mismatch")
+    hops = first.get("max-forwards")
+    if hops is not None:
+        hops = hops.lstrip("0") or "0"
+        if not (hops.isascii() and hops.isdigit() and len(hops) <= 3) or int(hops) > MAX_FORWARDS:
+            error = error or (400, "Bad Max-Forwards")
+    return error
+
+
+def _parse_vias(values: list[str]) -> list[Via]:
+    return [parse_via(v) for v in values]
+
+
+def _addressable(request: Request) -> bool:
+    """Can a response reach the sender?  Needs the top Via, From, To, Call-ID and CSeq;
+    and never for an ACK, which gets no response (RFC 3261 17.2.3)."""
+    if request._from is None or request._to is None or request._cseq is None:
+        return False
+    if request.method == "ACK":
+        return False
+    if request._vias:
+        return True
+    try:                          # a lower Via was bad: the top one may still be usable
+        parse_via(request.headers.get("Via") or "")
+    except ParseError:
+        return False
+    return True

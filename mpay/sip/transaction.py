@@ -1,0 +1,305 @@
+"""RFC 3261 section 17 transactions, sans-IO.
+
+A transaction is what makes UDP safe for money: a retransmitted request is
+matched to the transaction it belongs to and answered from there, so the
+transaction user (the AS or PS core) sees every request exactly once.
+
+The layer never touches a socket or a clock.  It is given
+
+- ``timers``: anything with ``start(delay_s, callback, *args) -> handle`` and
+  ``handle.cancel()`` (the time wheel in production, the same wheel driven by
+  ``task.Clock`` in tests);
+- ``send(data: bytes, addr)``: the transport's write;
+- ``tu``: the transaction user, see :class:`TransactionUser`.
+
+Timer names below (E, F, G, H, I, J, K, B, D, L, M) are RFC 3261/6026's
+transaction timers.  They are unrelated to the design's enrolment and payment
+Timers A/C/D/F, which live with the state machines that own them.
+
+State machines (RFC 3261 figures 5-8, with RFC 6026's Accepted state):
+
+    server non-INVITE:  Trying -> Proceeding -> Completed --J--> Terminated
+    server INVITE:      Proceeding -> Completed --ACK--> Confirmed --I--> Terminated
+                                   \\-> Accepted (2xx, retransmitted until ACK) --L--> Terminated
+    client non-INVITE:  Trying -> Proceeding -> Completed --K--> Terminated
+    client INVITE:      Calling -> Proceeding -> Completed --D--> Terminated
+                                              \\-> Accepted --M--> Terminated
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Callable, Protocol
+
+from mpay.sip.client_transaction import ClientTransaction
+from mpay.sip.message import MAGIC_COOKIE, Request, Response, make_response
+from mpay.sip.timing import State, TimerSettings
+
+MAX_TRANSACTIONS = 100_000
+
+# Retry-After sent with the 503 that protects the transaction table, seconds.
+OVERLOAD_RETRY_AFTER_S = 5
+
+
+class TransactionUser(Protocol):
+    def request_received(self, txn: "ServerTransaction", request: Request) -> None:
+        """A new request; answer with ``txn.respond`` now or later."""
+
+    def ack_received(self, request: Request, addr: Any) -> None:
+        """An ACK for a 2xx (its own transaction, RFC 17.1.1.3) or a stray ACK."""
+
+
+def server_key(request: Request) -> tuple:
+    """RFC 17.2.3 matching: branch + sent-by + method (ACK matches INVITE)."""
+    via = request.top_via
+    method = "INVITE" if request.method == "ACK" else request.method
+    branch = via.branch
+    if branch and branch.startswith(MAGIC_COOKIE):
+        return (branch, via.host, via.port, method)
+    # RFC 2543 peers: no usable branch, match on the dialog-ish identifiers.
+    return ("2543", request.call_id, request.cseq[0], via.host, via.port, method)
+
+
+class ServerTransaction:
+    """One request received and the responses given to it."""
+
+    __slots__ = (
+        "layer", "key", "request", "addr", "invite", "reliable", "state",
+        "to_tag", "last_response", "_last_bytes", "_timer", "_interval", "_lifetime",
+        "on_cancel",
+    )
+
+    def __init__(self, layer: "TransactionLayer", key: tuple, request: Request, addr: Any,
+                 invite: bool, reliable: bool, to_tag: str):
+        self.layer = layer
+        self.key = key
+        self.request = request
+        self.addr = addr
+        self.invite = invite
+        self.reliable = reliable
+        self.to_tag = to_tag
+        self.state = State.PROCEEDING if invite else State.TRYING
+        self.last_response: Response | None = None
+        self._last_bytes: bytes | None = None
+        self._timer = None
+        self._interval = 0.0
+        self._lifetime = None
+        # Called when a CANCEL matches before the final response; default: 487.
+        self.on_cancel: Callable[[ServerTransaction], None] | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state not in (State.TRYING, State.PROCEEDING)
+
+    def respond_with(self, status: int, reason: str | None = None,
+                     headers: list[tuple[str, str]] | tuple = (), body: bytes = b"") -> Response:
+        """Build the response to this request (RFC 8.2.6) and send it."""
+        response = make_response(self.request, status, reason, to_tag=self.to_tag,
+                                 headers=headers, body=body)
+        self.respond(response)
+        return response
+
+    def respond(self, response: Response) -> None:
+        if self.final:
+            # A TU answering twice is a bug upstream; the peer already has its answer.
+            self.layer.stats["late_responses"] += 1
+            return
+        self.last_response = response
+        self._last_bytes = data = response.to_bytes()
+        self.layer.send(data, self.addr)
+        self.layer.count_response(self.request.method, response.status)
+        status = response.status
+        if status < 200:
+            self.state = State.PROCEEDING
+            return
+        self._cancel_timers()
+        settings = self.layer.settings
+        if not self.invite:
+            self.state = State.COMPLETED
+            self._after(0 if self.reliable else 64 * settings.t1_s, self._terminate)   # Timer J
+        elif status < 300:
+            self.state = State.ACCEPTED
+            self.layer._accepted[(self.request.call_id, self.request.cseq[0])] = self
+            self._lifetime = self.layer.timers.start(64 * settings.t1_s, self._terminate)  # Timer L
+            if not self.reliable:
+                # The UAS core's 2xx retransmission (RFC 13.3.1.4), kept here for locality.
+                self._interval = settings.t1_s
+                self._timer = self.layer.timers.start(self._interval, self._retransmit_final)
+        else:
+            self.state = State.COMPLETED
+            self._lifetime = self.layer.timers.start(64 * settings.t1_s, self._ack_timeout)  # Timer H
+            if not self.reliable:
+                self._interval = settings.t1_s
+                self._timer = self.layer.timers.start(self._interval, self._retransmit_final)  # Timer G
+
+    def _retransmit(self) -> None:
+        """A retransmitted request: answer from the transaction, never from the TU."""
+        self.layer.stats["retransmissions_absorbed"] += 1
+        if self._last_bytes is not None and self.state in (State.PROCEEDING, State.COMPLETED, State.ACCEPTED):
+            self.layer.send(self._last_bytes, self.addr)
+            self.layer.stats["responses_resent"] += 1
+
+    def _retransmit_final(self) -> None:
+        if self.state not in (State.COMPLETED, State.ACCEPTED):
+            return
+        self.layer.send(self._last_bytes, self.addr)
+        self.layer.stats["responses_resent"] += 1
+        self._interval = min(2 * self._interval, self.layer.settings.t2_s)
+        self._timer = self.layer.timers.start(self._interval, self._retransmit_final)
+
+    def _ack(self) -> None:
+        if self.state is State.COMPLETED:
+            self._cancel_timers()
+            self.state = State.CONFIRMED
+            self._after(0 if self.reliable else self.layer.settings.t4_s, self._terminate)  # Timer I
+        elif self.state is State.CONFIRMED:
+            self.layer.stats["retransmissions_absorbed"] += 1
+
+    def _ack_2xx(self) -> None:
+        """The ACK of our 2xx arrived: stop retransmitting, keep absorbing until Timer L."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _ack_timeout(self) -> None:
+        self.layer.stats["ack_timeouts"] += 1
+        self._terminate()
+
+    def _after(self, delay_s: float, callback: Callable[[], None]) -> None:
+        if delay_s <= 0:
+            callback()
+        else:
+            self._timer = self.layer.timers.start(delay_s, callback)
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._timer, self._lifetime):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._lifetime = None
+
+    def _terminate(self) -> None:
+        if self.state is State.TERMINATED:
+            return
+        self._cancel_timers()
+        self.state = State.TERMINATED
+        self.layer._forget_server(self)
+
+
+class TransactionLayer:
+    """All transactions of one SIP endpoint (the AS or the PS)."""
+
+    def __init__(self, timers: Any, send: Callable[[bytes, Any], None], tu: TransactionUser,
+                 settings: TimerSettings = TimerSettings(),
+                 max_transactions: int = MAX_TRANSACTIONS,
+                 new_tag: Callable[[], str] | None = None,
+                 count_response: Callable[[str, int], None] | None = None):
+        self.timers = timers
+        self.send = send
+        self.tu = tu
+        self.settings = settings
+        self.max_transactions = max_transactions
+        self.new_tag = new_tag or (lambda: secrets.token_hex(6))
+        self.count_response = count_response or (lambda method, status: None)
+        self.server: dict[tuple, ServerTransaction] = {}
+        self.client: dict[tuple, ClientTransaction] = {}
+        self._by_branch: dict[tuple, ServerTransaction] = {}
+        self._accepted: dict[tuple, ServerTransaction] = {}
+        self.stats = {
+            "retransmissions_absorbed": 0, "responses_resent": 0, "ack_timeouts": 0,
+            "late_responses": 0, "overload_refusals": 0, "stray_responses": 0,
+            "client_timeouts": 0, "requests_resent": 0,
+        }
+        # Which methods get INVITE-style server transactions (the PS adds dialog-opening ones).
+        self.is_invite_style: Callable[[Request], bool] = lambda request: request.method == "INVITE"
+
+    # -- server side -------------------------------------------------------
+    def receive_request(self, request: Request, addr: Any, reliable: bool = False) -> None:
+        key = server_key(request)
+        txn = self.server.get(key)
+        method = request.method
+        if txn is not None:
+            if method == "ACK":
+                txn._ack()
+            else:
+                txn._retransmit()
+            return
+        if method == "ACK":
+            accepted = self._accepted.get((request.call_id, request.cseq[0]))
+            if accepted is not None:
+                accepted._ack_2xx()
+            self.tu.ack_received(request, addr)
+            return
+        if len(self.server) >= self.max_transactions:
+            self.stats["overload_refusals"] += 1
+            response = make_response(request, 503, headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER_S))])
+            self.send(response.to_bytes(), addr)
+            self.count_response(method, 503)
+            return
+        txn = ServerTransaction(self, key, request, addr, self.is_invite_style(request),
+                                reliable, self.new_tag())
+        self.server[key] = txn
+        if method == "CANCEL":
+            self._cancel(txn)
+            return
+        self._by_branch[key[:-1]] = txn
+        if txn.invite:
+            # RFC 17.2.1: tell the client at once that its request is here (stops Timer A).
+            txn.respond_with(100)
+        else:
+            # Bound a non-INVITE transaction whose TU never answers (no RFC timer covers it).
+            txn._lifetime = self.timers.start(64 * self.settings.t1_s, txn._terminate)
+        self.tu.request_received(txn, request)
+
+    def _cancel(self, cancel_txn: ServerTransaction) -> None:
+        """RFC 9.2: CANCEL matches the transaction with the same branch."""
+        target = self._by_branch.get(cancel_txn.key[:-1])
+        if target is None:
+            cancel_txn.respond_with(481)
+            return
+        cancel_txn.respond_with(200)
+        if not target.final:
+            if target.on_cancel is not None:
+                target.on_cancel(target)
+            else:
+                target.respond_with(487)
+
+    def _forget_server(self, txn: ServerTransaction) -> None:
+        self.server.pop(txn.key, None)
+        if self._by_branch.get(txn.key[:-1]) is txn:
+            del self._by_branch[txn.key[:-1]]
+        accepted_key = (txn.request.call_id, txn.request.cseq[0])
+        if self._accepted.get(accepted_key) is txn:
+            del self._accepted[accepted_key]
+
+    # -- client side -------------------------------------------------------
+    def request(self, request: Request, addr: Any,
+                on_response: Callable[[Response], None],
+                on_timeout: Callable[[], None],
+                reliable: bool = False) -> ClientTransaction:
+        """Send *request* (its top Via must carry a fresh branch) as a client transaction."""
+        txn = ClientTransaction(self, request, addr, on_response, on_timeout, reliable)
+        self.client[txn.key] = txn
+        txn.start()
+        return txn
+
+    def receive_response(self, response: Response, addr: Any) -> None:
+        via = response.top_via
+        key = (via.branch, response.cseq[1])
+        txn = self.client.get(key)
+        if txn is None:
+            self.stats["stray_responses"] += 1
+            return
+        txn.receive(response)
+
+    def _forget_client(self, txn: ClientTransaction) -> None:
+        if self.client.get(txn.key) is txn:
+            del self.client[txn.key]
+
+    def counts(self) -> dict[str, int]:
+        """Live transactions by side and kind, for the metrics page and the manhole."""
+        out = {"server_invite": 0, "server_non_invite": 0, "client_invite": 0, "client_non_invite": 0}
+        for txn in self.server.values():
+            out["server_invite" if txn.invite else "server_non_invite"] += 1
+        for ctxn in self.client.values():
+            out["client_invite" if ctxn.invite else "client_non_invite"] += 1
+        return out

@@ -1,0 +1,109 @@
+"""The SIP transports: the only code that touches a socket.
+
+UDP is the design's transport.  Twisted has no UDP endpoint, so listeners are
+described as strports-style strings (``udp:5060:interface=127.0.0.1``) parsed
+here; TCP and TLS will take ``tcp:``/``ssl:`` endpoint descriptions beside it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.application import service
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from mpay.sip.endpoint import SIPEndpoint
+
+# A burst of 200 messages was lost with Linux's default buffer on a 2-core machine.
+UDP_RCVBUF_BYTES = 1 << 20
+# Linux has no SO_RCVBUFFORCE constant in Python's socket module on every build.
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def parse_udp_description(description: str) -> tuple[int, str]:
+    """``udp:PORT[:interface=ADDR]`` -> (port, interface)."""
+    parts = description.split(":")
+    if len(parts) < 2 or parts[0] != "udp":
+        raise ValueError(f"not a UDP listener description: {description!r}")
+    port = int(parts[1])
+    interface = ""
+    for option in parts[2:]:
+        name, _, value = option.partition("=")
+        if name != "interface":
+            raise ValueError(f"unknown UDP listener option {name!r} in {description!r}")
+        interface = value
+    return port, interface
+
+
+class SIPDatagramProtocol(DatagramProtocol):
+    """A thin adapter: every datagram goes to the endpoint, every write comes from it."""
+
+    def __init__(self, endpoint: SIPEndpoint):
+        self.endpoint = endpoint
+
+    def startProtocol(self) -> None:
+        self.endpoint.write = self.transport.write
+        host = self.transport.getHost()
+        if self.endpoint.sent_by is None:
+            # A wildcard bind has no address to advertise; loopback until configured otherwise.
+            self.endpoint.sent_by = (host.host if host.host not in ("0.0.0.0", "::") else "127.0.0.1",
+                                     host.port)
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.endpoint.datagram_received(data, addr)
+
+
+def raise_receive_buffer(sock: socket.socket, size_bytes: int) -> int:
+    """Ask for *size_bytes* of receive buffer; returns what the kernel granted.
+
+    SO_RCVBUFFORCE (root, or CAP_NET_ADMIN) ignores net.core.rmem_max; plain
+    SO_RCVBUF is capped by it.  Linux reports twice the size asked (its own
+    bookkeeping), so the figure returned is what the kernel really holds.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size_bytes)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size_bytes)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+class UDPListenerService(service.Service):
+    """Listens for one SIP endpoint; ``port`` is known once started (port 0 works)."""
+
+    log = Logger()
+
+    def __init__(self, description: str, endpoint: SIPEndpoint, reactor=None,
+                 rcvbuf_bytes: int = UDP_RCVBUF_BYTES):
+        self.description = description
+        self.port_number, self.interface = parse_udp_description(description)
+        self.endpoint = endpoint
+        self.rcvbuf_bytes = rcvbuf_bytes
+        self._reactor = reactor
+        self.listening = None
+
+    @property
+    def port(self) -> int:
+        assert self.listening is not None, "not started"
+        return self.listening.getHost().port
+
+    def startService(self) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self.listening = reactor.listenUDP(self.port_number, SIPDatagramProtocol(self.endpoint),
+                                           interface=self.interface)
+        granted = None
+        sock = getattr(self.listening, "socket", None)
+        if sock is not None:
+            granted = raise_receive_buffer(sock, self.rcvbuf_bytes)
+        self.log.info("{role} listening on udp {host}:{port} (receive buffer {granted} bytes)",
+                      role=self.endpoint.role, host=self.interface or "0.0.0.0",
+                      port=self.port, granted=granted)
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.listening is not None:
+            listening, self.listening = self.listening, None
+            return listening.stopListening()

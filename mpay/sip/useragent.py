@@ -1,0 +1,52 @@
+"""Building the requests a server or device originates (RFC 3261 8.1.1).
+
+The AS sends REFER, the PS forwards notices and charge requests, the DMD sends
+everything: all of them need a fresh branch, tag and Call-ID and the same
+mandatory headers, built here once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Iterable
+
+from mpay.sip.message import MAGIC_COOKIE, Headers, Request
+
+MAX_FORWARDS = 70
+BRANCH_RANDOM_BYTES = 8    # 64 bits: unique per transaction, per RFC 3261 8.1.1.7
+TAG_RANDOM_BYTES = 6
+
+
+def new_branch() -> str:
+    return MAGIC_COOKIE + secrets.token_hex(BRANCH_RANDOM_BYTES)
+
+
+def new_tag() -> str:
+    return secrets.token_hex(TAG_RANDOM_BYTES)
+
+
+def new_call_id(host: str) -> str:
+    return f"{secrets.token_hex(10)}@{host}"
+
+
+def build_request(method: str, uri: str, *, sent_by: tuple[str, int], from_uri: str,
+                  to_uri: str, call_id: str, cseq: int, from_tag: str | None = None,
+                  to_tag: str | None = None, contact: str | None = None,
+                  branch: str | None = None, headers: Iterable[tuple[str, str]] = (),
+                  body: bytes = b"", content_type: str | None = None) -> Request:
+    """A request outside or inside a dialog; ``rport`` asks to be answered where we sent from."""
+    host, port = sent_by
+    fields = Headers()
+    fields.add("Via", f"SIP/2.0/UDP {host}:{port};branch={branch or new_branch()};rport")
+    fields.add("Max-Forwards", str(MAX_FORWARDS))
+    fields.add("From", f"<{from_uri}>;tag={from_tag or new_tag()}")
+    fields.add("To", f"<{to_uri}>" + (f";tag={to_tag}" if to_tag else ""))
+    fields.add("Call-ID", call_id)
+    fields.add("CSeq", f"{cseq} {method}")
+    if contact is not None:
+        fields.add("Contact", f"<{contact}>")
+    for name, value in headers:
+        fields.add(name, value)
+    if content_type is not None:
+        fields.add("Content-Type", content_type)
+    return Request(method, uri, fields, body)

@@ -1,0 +1,537 @@
+"""mpay.sip.message: RFC 3261 parsing and serialisation, RFC 4475 as the conformance corpus.
+
+tests/sip_corpus/ holds wire bytes: valid/ must parse, invalid/ must raise ParseError,
+semantic/ parse but are refused above the parser (each test below says by what).
+"""
+
+import os
+
+from twisted.trial import unittest
+
+from mpay.sip.headers import split_list
+from mpay.sip.message import (
+    MAX_HEADER_FIELDS, MAX_HEADER_LINE_BYTES, MAX_MESSAGE_BYTES, Headers, ParseError, Request,
+    Response, make_response, parse, parse_cseq, parse_name_addr, parse_uri, parse_via,
+)
+
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sip_corpus")
+
+
+def corpus(kind: str, name: str) -> bytes:
+    with open(os.path.join(CORPUS, kind, name + ".sip"), "rb") as handle:
+        return handle.read()
+
+
+def corpus_names(kind: str) -> list[str]:
+    return sorted(f[:-4] for f in os.listdir(os.path.join(CORPUS, kind)) if f.endswith(".sip"))
+
+
+REGISTER = (
+    b"REGISTER sip:mpay.example.net SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 198.51.100.7:5061;branch=z9hG4bK-74bf9;rport\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"From: <sip:+886912345678@mpay.example.net>;tag=5e00e125\r\n"
+    b"To: <sip:+886912345678@mpay.example.net>\r\n"
+    b"Call-ID: a84b4c76e66710@198.51.100.7\r\n"
+    b"CSeq: 2 REGISTER\r\n"
+    b"Contact: <sip:+886912345678@198.51.100.7:5061>;expires=3600\r\n"
+    b"Content-Length: 0\r\n\r\n")
+
+
+def without_length(message: Request | Response) -> tuple:
+    fields = [(n, v) for n, v in message.headers if n != "Content-Length"]
+    return fields, message.body, message.to_bytes().split(b"\r\n", 1)[0]
+
+
+def with_header(data: bytes, line: bytes, replace: bytes | None = None) -> bytes:
+    """REGISTER-like bytes with one header line added (before Content-Length) or replaced."""
+    if replace is not None:
+        start = data.index(replace)
+        return data[:start] + line + data[data.index(b"\r\n", start):]
+    at = data.index(b"Content-Length")
+    return data[:at] + line + b"\r\n" + data[at:]
+
+
+class RFC4475ValidTests(unittest.TestCase):
+    """RFC 4475 3.1.1: well-formed, however tortuous.  Each parses and round-trips."""
+
+    def test_every_valid_message_parses_and_round_trips(self):
+        names = corpus_names("valid") + corpus_names("semantic")
+        self.assertGreaterEqual(len(names), 20)
+        for name in names:
+            message = parse(corpus("valid" if name in corpus_names("valid") else "semantic", name))
+            wire = message.to_bytes()
+            again = parse(wire)
+            self.assertEqual(again.to_bytes(), wire, name)
+            # the same fields and body; only a missing Content-Length (inv2543) was added
+            self.assertEqual(without_length(again), without_length(message), name)
+
+    def test_wsinv_short_tortuous_invite(self):
+        m = parse(corpus("valid", "wsinv"))
+        self.assertEqual((m.method, m.uri),
+                         ("INVITE", "sip:vivekg@chair-dnrc.example.com;unknownparam"))
+        self.assertEqual(m.to_addr.tag, "1918181833n")
+        self.assertEqual(m.to_addr.uri, "sip:vivekg@chair-dnrc.example.com")
+        self.assertEqual(m.from_addr.display, 'J Rosenberg \\"')
+        self.assertEqual(m.from_addr.tag, "98asjd8")
+        self.assertEqual(m.headers.get("max-forwards"), "0068")
+        self.assertEqual(m.cseq, (9, "INVITE"))
+        self.assertEqual([(v.transport, v.host, v.branch) for v in m.vias], [
+            ("UDP", "192.0.2.2", "390skdjuw"), ("TCP", "spindle.example.com", "z9hG4bK9ikj8"),
+            ("UDP", "192.168.255.111", "z9hG4bK30239")])
+        self.assertEqual(m.headers.get("Subject"), "")
+        self.assertEqual(m.headers.get("newfangledheader"),
+                         "newfangled value continued newfangled value")
+        self.assertEqual(m.headers.get("UnknownHeaderWithUnusualValue"), ";;,,;;,;")
+        contact = parse_name_addr(m.headers.get("m"))
+        self.assertEqual(contact.display, 'Quoted string ""')
+        self.assertEqual(contact.params, {"newparam": "newvalue", "secondparam": None, "q": "0.33"})
+        self.assertEqual(len(m.body), 150)
+
+    def test_intmeth_wide_range_of_valid_characters(self):
+        m = parse(corpus("valid", "intmeth"))
+        self.assertEqual(m.method, "!interesting-Method0123456789_*+`.%indeed'~")
+        self.assertEqual(m.cseq, (139122385, m.method))
+        self.assertEqual(m.to_addr.display, "BEL:\x07 NUL:\x00 DEL:\x7f")
+        self.assertEqual(m.from_addr.display, "token1~` token2'+_ token3*%!.-")
+        self.assertEqual(m.from_addr.tag, "_token~1'+`*%!-.")
+        self.assertEqual(m.top_via.branch, "z9hG4bK-.!%66*_+`'~")
+        self.assertEqual(m.call_id, "intmeth.word%ZK-!.*_+'@word`~)(><:\\/\"][?}{")
+        self.assertEqual(m.headers.get("extensionHeader-!.%*+_`'~"), "\ufeff\u5927\u505c\u96fb")
+
+    def test_escapes_are_left_alone(self):
+        m = parse(corpus("valid", "esc01"))
+        self.assertEqual(parse_uri(m.uri).user, "sips%3Auser%40example.com")
+        self.assertEqual(parse_uri(m.from_addr.uri).user, "I%20have%20spaces")
+        contact = parse_uri(parse_name_addr(m.headers.get("Contact")).uri)
+        self.assertEqual(contact.params, {"%6c%72": None, "n%61me": "v%61lue%25%34%31"})
+        m = parse(corpus("valid", "escnull"))
+        self.assertEqual(m.headers.getall("Contact"),
+                         ["<sip:%00@host5.example.com>", "<sip:%00%00@host5.example.com>"])
+        m = parse(corpus("valid", "esc02"))
+        self.assertEqual(m.method, "RE%47IST%45R")
+        self.assertEqual(len(m.headers.getall("Contact")), 2)
+        self.assertEqual(m.headers.get("C%6Fntact"), "<sip:alias2@host2.example.com>")
+
+    def test_lwsdisp_display_name_without_space(self):
+        self.assertEqual(parse(corpus("valid", "lwsdisp")).from_addr.display, "caller")
+
+    def test_longreq_many_vias_in_every_case_and_compact_form(self):
+        m = parse(corpus("valid", "longreq"))
+        self.assertEqual(len(m.vias), 34)
+        self.assertEqual([v.host for v in m.vias[:3]],
+                         ["sip33.example.com", "sip32.example.com", "sip31.example.com"])
+        self.assertEqual(m.vias[-1].received, "192.0.2.5")
+        self.assertTrue(m.to_addr.display.endswith("extreme proportion"))
+        self.assertTrue(m.from_addr.tag.endswith("424"))
+
+    def test_dblreq_second_request_in_the_datagram_is_ignored(self):
+        m = parse(corpus("valid", "dblreq"))
+        self.assertEqual((m.method, m.body), ("REGISTER", b""))
+
+    def test_semiuri_and_folded_accept_list(self):
+        m = parse(corpus("valid", "semiuri"))
+        self.assertEqual(parse_uri(m.uri).user, "user;par=u%40example.net")
+        self.assertEqual(m.headers.getall("Accept"), [
+            "application/sdp", "application/pkcs7-mime", "multipart/mixed",
+            "multipart/signed", "message/sip", "message/sipfrag"])
+
+    def test_transports(self):
+        m = parse(corpus("valid", "transports"))
+        self.assertEqual([v.transport for v in m.vias], ["UDP", "SCTP", "TLS", "UNKNOWN", "TCP"])
+
+    def test_mpart01_binary_body_is_kept_byte_for_byte(self):
+        data = corpus("valid", "mpart01")
+        m = parse(data)
+        self.assertEqual(m.body, data[data.index(b"\r\n\r\n") + 4:])
+        self.assertIn(b"\x00\x01\x02", m.body)
+
+    def test_unreason_and_noreason(self):
+        m = parse(corpus("valid", "unreason"))
+        self.assertEqual(m.status, 200)
+        self.assertTrue(m.reason.startswith("= 2**3 * 5**2 \u043d\u043e \u0441\u0442\u043e"))
+        m = parse(corpus("valid", "noreason"))
+        self.assertEqual((m.status, m.reason), (100, ""))
+        self.assertTrue(m.to_bytes().startswith(b"SIP/2.0 100 \r\n"))
+
+
+# name -> (status, answered).  Answered: the ParseError carries the request, so a response
+# can be addressed.  Dropped: Via, From, To, Call-ID or CSeq is unusable (or a response).
+INVALID = {
+    "badinv01": (400, False),    # empty Via params: the top Via itself is unusable
+    "clerr": (400, True),        # Content-Length larger than the datagram
+    "ncl": (400, True),          # negative Content-Length
+    "scalar02": (400, False),    # CSeq over 2**31-1: no CSeq to answer with
+    "scalarlg": (400, False),    # a response: never answered
+    "quotbal": (400, False),     # unterminated quote in To
+    "ltgtruri": (400, True),     # <> around the Request-URI
+    "lwsruri": (400, True),      # LWS inside the Request-URI
+    "lwsstart": (400, True),     # several SP between Request-Line elements
+    "trws": (400, True),         # SP after the SIP-Version
+    "badaspec": (400, False),    # spaces inside <> in To
+    "baddn": (400, False),       # unquoted display name with a comma
+    "badvers": (505, True),      # SIP/7.0
+    "mismatch01": (400, True),   # CSeq method differs from the request method
+    "mismatch02": (400, True),
+    "bigcode": (400, False),     # status code of ten digits
+    "insuf": (400, False),       # no From, To, Call-ID: nothing to address
+    "multi01": (400, True),      # two CSeq, Call-ID, From, To
+    "mcl01": (400, True),        # two Content-Length
+}
+
+
+class RFC4475InvalidTests(unittest.TestCase):
+    def test_every_invalid_message_is_a_parse_error_with_the_right_fate(self):
+        self.assertEqual(sorted(INVALID), corpus_names("invalid"))
+        for name, (status, answered) in INVALID.items():
+            with self.assertRaises(ParseError, msg=name) as caught:
+                parse(corpus("invalid", name))
+            self.assertEqual(caught.exception.status, status, name)
+            self.assertEqual(caught.exception.message is not None, answered, name)
+
+    def test_answerable_errors_get_a_response_addressed_to_the_sender(self):
+        for name, (status, answered) in INVALID.items():
+            if not answered:
+                continue
+            try:
+                parse(corpus("invalid", name))
+            except ParseError as e:
+                request, error = e.message, e
+            response = parse(make_response(request, error.status, error.reason).to_bytes())
+            self.assertEqual(response.status, status, name)
+            self.assertEqual(response.headers.getall("Via"), request.headers.getall("Via"))
+            self.assertEqual(response.call_id, request.call_id)
+            self.assertEqual(response.cseq, request.cseq)
+
+    def test_reasons_say_what_was_wrong(self):
+        reasons = {}
+        for name in ("clerr", "ncl", "scalar02", "badvers", "mismatch01", "insuf", "mcl01"):
+            try:
+                parse(corpus("invalid", name))
+            except ParseError as e:
+                reasons[name] = e.reason
+        self.assertEqual(reasons, {
+            "clerr": "Content-Length Exceeds Body", "ncl": "Bad Content-Length",
+            "scalar02": "Bad CSeq", "badvers": "Version Not Supported",
+            "mismatch01": "CSeq Method Mismatch", "insuf": "Missing From",
+            "mcl01": "Multiple Content-Length"})
+
+
+class RFC4475SemanticTests(unittest.TestCase):
+    """Syntactically fine; the layer above refuses them with the helper named here."""
+
+    def test_escruri_headers_in_request_uri_are_visible(self):
+        m = parse(corpus("semantic", "escruri"))
+        self.assertEqual(parse_uri(m.uri).headers, "Route=%3Csip:example.com%3E")
+
+    def test_regbadct_contact_uri_with_headers_outside_brackets(self):
+        m = parse(corpus("semantic", "regbadct"))
+        with self.assertRaises(ParseError):
+            parse_name_addr(m.headers.get("Contact"))
+
+    def test_baddate_is_opaque(self):
+        self.assertEqual(parse(corpus("semantic", "baddate")).headers.get("Date"),
+                         "Fri, 01 Jan 2010 16:00:00 EST")
+
+    def test_bcast_broadcast_via_is_visible_to_routing(self):
+        self.assertEqual(parse(corpus("semantic", "bcast")).vias[1].host, "255.255.255.255")
+
+    def test_badbranch_bare_magic_cookie_is_no_transaction_id(self):
+        via = parse(corpus("semantic", "badbranch")).top_via
+        self.assertEqual((via.branch, via.rfc3261_branch), ("z9hG4bK", None))
+
+    def test_unknown_uri_scheme_is_416(self):
+        with self.assertRaises(ParseError) as caught:
+            parse_uri(parse(corpus("semantic", "unkscm")).uri)
+        self.assertEqual(caught.exception.status, 416)
+
+    def test_zero_max_forwards_and_rfc2543_request_parse(self):
+        self.assertEqual(parse(corpus("semantic", "zeromf")).headers.get("Max-Forwards"), "0")
+        m = parse(corpus("semantic", "inv2543"))
+        self.assertIsNone(m.top_via.branch)
+        self.assertTrue(m.body.startswith(b"v=0"))
+
+
+class FramingTests(unittest.TestCase):
+    """Line endings, folding, Content-Length on datagrams, limits."""
+
+    def test_compact_forms_become_canonical_long_names(self):
+        compact = (b"OPTIONS sip:a@b SIP/2.0\r\nv: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+                   b"f: <sip:x@y>;tag=1\r\nt: <sip:a@b>\r\ni: c1\r\nCSeq: 1 OPTIONS\r\n"
+                   b"m: <sip:x@h>\r\nk: timer\r\nc: text/plain\r\ns: hi\r\no: refer\r\n"
+                   b"r: <sip:z@q>\r\nu: talk\r\ne: gzip\r\nl: 2\r\n\r\nhi")
+        m = parse(compact)
+        self.assertEqual([name for name, _ in m.headers], [
+            "Via", "From", "To", "Call-ID", "CSeq", "Contact", "Supported", "Content-Type",
+            "Subject", "Event", "Refer-To", "Allow-Events", "Content-Encoding", "Content-Length"])
+        self.assertIn(b"\r\nCall-ID: c1\r\n", m.to_bytes())
+        self.assertEqual(m.body, b"hi")
+
+    def test_names_are_case_insensitive_and_unknown_names_keep_their_spelling(self):
+        m = parse(with_header(REGISTER, b"X-Mpay-Ticket: abc"))
+        for name in ("CALL-ID", "call-id", "i", "I", "Call-Id"):
+            self.assertEqual(m.headers.get(name), "a84b4c76e66710@198.51.100.7")
+        self.assertEqual(m.headers.get("x-mpay-ticket"), "abc")
+        self.assertIn(("X-Mpay-Ticket", "abc"), list(m.headers))
+
+    def test_bare_lf_and_mixed_line_endings(self):
+        lf = REGISTER.replace(b"\r\n", b"\n")
+        self.assertEqual(parse(lf), parse(REGISTER))
+        mixed = REGISTER.replace(b"Max-Forwards: 70\r\n", b"Max-Forwards: 70\n")
+        self.assertEqual(parse(mixed), parse(REGISTER))
+
+    def test_leading_crlfs_are_ignored_and_a_bare_cr_is_not(self):
+        self.assertEqual(parse(b"\r\n\r\n" + REGISTER), parse(REGISTER))
+        with self.assertRaises(ParseError):
+            parse(REGISTER.replace(b"Max-Forwards: 70\r\n", b"Max-Forwards: 70\rX: y\r\n"))
+        for empty in (b"", b"\r\n", b"\r\n\r\n"):
+            self.assertRaises(ParseError, parse, empty)
+
+    def test_folded_lines_unfold_to_one_space(self):
+        m = parse(with_header(REGISTER, b"Subject: one\r\n  two\r\n\tthree"))
+        self.assertEqual(m.headers.get("Subject"), "one two three")
+
+    def test_list_headers_split_but_not_inside_quotes_or_brackets(self):
+        m = parse(with_header(REGISTER, b'Contact: "Lee, Ann" <sip:a@h;x=1,2>, <sip:b@h>\r\n'
+                                        b"Allow: INVITE,ACK , MESSAGE\r\nContact: *"))
+        self.assertEqual(m.headers.getall("Contact"), [
+            "<sip:+886912345678@198.51.100.7:5061>;expires=3600",
+            '"Lee, Ann" <sip:a@h;x=1,2>', "<sip:b@h>", "*"])
+        self.assertEqual(m.headers.getall("Allow"), ["INVITE", "ACK", "MESSAGE"])
+        self.assertEqual(parse_name_addr(m.headers.getall("Contact")[-1]).uri, "*")
+        wire = m.to_bytes()        # token lists on one line, addresses one per line
+        self.assertIn(b"\r\nAllow: INVITE, ACK, MESSAGE\r\n", wire)
+        self.assertEqual(wire.count(b"\r\nContact: "), 4)
+
+    def test_list_elements_with_quotes_or_brackets_keep_their_own_line(self):
+        m = parse(REGISTER)
+        for value in ('"', "ACK", 'text/x;q="1,2"', "<odd", "INFO"):
+            m.headers.add("Allow", value)
+        self.assertEqual(parse(m.to_bytes()).headers.getall("Allow"),
+                         ['"', "ACK", 'text/x;q="1,2"', "<odd", "INFO"])
+
+    def test_a_long_token_list_is_written_on_several_lines(self):
+        many = ", ".join(f"ext-{i:04d}" for i in range(400))
+        m = parse(with_header(REGISTER, f"Supported: {many}".encode()))
+        wire = m.to_bytes()
+        self.assertGreater(wire.count(b"\r\nSupported: "), 1)
+        self.assertEqual(parse(wire).headers.getall("Supported"), many.split(", "))
+
+    def test_credentials_and_dates_are_not_split(self):
+        auth = 'Digest username="a", realm="b", nonce="c"'
+        m = parse(with_header(REGISTER, f"Authorization: {auth}\r\nDate: Sat, 13 Nov 2010 "
+                                        "23:29:00 GMT".encode()))
+        self.assertEqual(m.headers.getall("Authorization"), [auth])
+        self.assertEqual(len(m.headers.getall("Date")), 1)
+
+    def test_multiple_vias_in_order(self):
+        m = parse(with_header(REGISTER, b"Via: SIP/2.0/TCP p1:5070;branch=z9hG4bKp1, "
+                                        b"SIP/2.0/UDP [2001:db8::9];received=192.0.2.1",
+                              replace=b"Max-Forwards"))
+        self.assertEqual([(v.host, v.port) for v in m.vias],
+                         [("198.51.100.7", 5061), ("p1", 5070), ("2001:db8::9", None)])
+
+    def test_missing_content_length_on_a_datagram_means_the_rest(self):
+        data = REGISTER.replace(b"Content-Length: 0\r\n", b"") + b"payload"
+        self.assertEqual(parse(data).body, b"payload")
+
+    def test_shorter_content_length_truncates_longer_is_400(self):
+        m = parse(REGISTER.replace(b"Length: 0", b"Length: 3") + b"abcdef")
+        self.assertEqual(m.body, b"abc")
+        for bad in (b"7", b"-1", b"x", b"1e3", b"\xd9\xa3", b"9" * 50):
+            with self.assertRaises(ParseError) as caught:
+                parse(REGISTER.replace(b"Length: 0", b"Length: " + bad) + b"abcdef")
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIsNotNone(caught.exception.message)
+
+    def test_missing_mandatory_headers_are_dropped_but_max_forwards_is_optional(self):
+        for line in (b"Via:", b"From:", b"To:", b"Call-ID:", b"CSeq:"):
+            start = REGISTER.index(line)
+            data = REGISTER[:start] + REGISTER[REGISTER.index(b"\r\n", start) + 2:]
+            with self.assertRaises(ParseError) as caught:
+                parse(data)
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIsNone(caught.exception.message)
+        self.assertIsInstance(parse(REGISTER.replace(b"Max-Forwards: 70\r\n", b"")), Request)
+
+    def test_bad_cseq(self):
+        for value in (b"x REGISTER", b"-1 REGISTER", b"2147483648 REGISTER", b"1", b"1 2 3"):
+            with self.assertRaises(ParseError) as caught:
+                parse(with_header(REGISTER, b"CSeq: " + value, replace=b"CSeq:"))
+            self.assertEqual((caught.exception.reason, caught.exception.message),
+                             ("Bad CSeq", None))
+        self.assertEqual(parse(with_header(REGISTER, b"CSeq: 2147483647 REGISTER",
+                                           replace=b"CSeq:")).cseq, (2**31 - 1, "REGISTER"))
+
+    def test_garbage_start_lines_are_dropped(self):
+        for line in (b"HELLO", b"\x00\x01", b"SIP/2.0 OK", b"SIP/2.0 99 Low", b"<sip:a@b>",
+                     b"REGISTER sip:mpay.example.net HTTP/1.1", b"REGISTER SIP/2.0"):
+            with self.assertRaises(ParseError) as caught:
+                parse(line + REGISTER[REGISTER.index(b"\r\n"):])
+            self.assertIsNone(caught.exception.message, line)
+
+    def test_unsupported_version_is_505_and_answered(self):
+        with self.assertRaises(ParseError) as caught:
+            parse(REGISTER.replace(b"SIP/2.0\r\n", b"SIP/3.0\r\n", 1))
+        self.assertEqual(caught.exception.status, 505)
+        self.assertEqual(caught.exception.message.method, "REGISTER")
+
+    def test_an_ack_is_never_answered(self):
+        ack = REGISTER.replace(b"REGISTER", b"ACK").replace(b"Length: 0", b"Length: 9")
+        with self.assertRaises(ParseError) as caught:
+            parse(ack)
+        self.assertIsNone(caught.exception.message)
+
+    def test_size_limits(self):
+        with self.assertRaises(ParseError) as caught:
+            parse(REGISTER + b"x" * MAX_MESSAGE_BYTES)
+        self.assertEqual((caught.exception.status, caught.exception.message), (513, None))
+        with self.assertRaises(ParseError) as caught:
+            parse(with_header(REGISTER, b"X-Big: " + b"y" * MAX_HEADER_LINE_BYTES))
+        self.assertEqual(caught.exception.status, 513)
+        self.assertIsNotNone(caught.exception.message)      # the fields we need were fine
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(MAX_HEADER_FIELDS))
+        self.assertRaises(ParseError, parse, with_header(REGISTER, many[:-2]))
+
+    def test_responses_parse_and_bad_ones_are_never_answered(self):
+        response = make_response(parse(REGISTER), 200, to_tag="srv1")
+        self.assertEqual(parse(response.to_bytes()).to_bytes(), response.to_bytes())
+        wire = response.to_bytes()
+        for bad in (wire.replace(b"CSeq: 2", b"CSeq: x"),
+                    wire.replace(b"SIP/2.0 200", b"SIP/3.0 200"),
+                    with_header(wire, b"X-Big: " + b"y" * MAX_HEADER_LINE_BYTES)):
+            with self.assertRaises(ParseError) as caught:
+                parse(bad)
+            self.assertEqual((caught.exception.status, caught.exception.message), (400, None))
+
+
+class HeaderValueTests(unittest.TestCase):
+    def test_via(self):
+        via = parse_via("SIP / 2.0 / udp 192.0.2.1 : 5060 ; branch = z9hG4bKx ; rport ; "
+                        "received=10.0.0.1")
+        self.assertEqual((via.transport, via.host, via.port, via.protocol),
+                         ("UDP", "192.0.2.1", 5060, "SIP/2.0"))
+        self.assertEqual((via.branch, via.rfc3261_branch, via.rport, via.received),
+                         ("z9hG4bKx", "z9hG4bKx", "", "10.0.0.1"))
+        self.assertEqual(via.to_str(),
+                         "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx;rport;received=10.0.0.1")
+        self.assertEqual(parse_via("SIP/2.0/UDP h;rport=5062").rport, "5062")
+        self.assertIsNone(parse_via("SIP/2.0/UDP h").rport)
+        v6 = parse_via("SIP/2.0/TLS [2001:db8::1]:5061;branch=z9hG4bKy")
+        self.assertEqual((v6.host, v6.port), ("2001:db8::1", 5061))
+        self.assertEqual(parse_via(v6.to_str()), v6)
+        for bad in ("", "SIP/2.0/UDP", "SIP/2.0 UDP h", "HTTP/1.1/TCP h", "SIP/2.0/UDP h:99999",
+                    "SIP/2.0/UDP h;;", "SIP/2.0/UDP h;branch=", "SIP/2.0/UDP h j",
+                    "SIP/2.0/UDP [::1"):
+            self.assertRaises(ParseError, parse_via, bad)
+
+    def test_name_addr_forms(self):
+        cases = {
+            '"Ann \\"A\\"" <sip:ann@h>;tag=9': ('Ann "A"', "sip:ann@h", {"tag": "9"}),
+            "Ann Lee <sip:ann@h;lr>": ("Ann Lee", "sip:ann@h;lr", {}),
+            "<sip:ann@h>": (None, "sip:ann@h", {}),
+            "sip:ann@h;tag=1;x": (None, "sip:ann@h", {"tag": "1", "x": None}),
+            "tel:+886912345678": (None, "tel:+886912345678", {}),
+            '<sip:a@h>;+sip.instance="<urn:uuid:1;2>"': (
+                None, "sip:a@h", {"+sip.instance": '"<urn:uuid:1;2>"'}),
+        }
+        for text, (display, uri, params) in cases.items():
+            na = parse_name_addr(text)
+            self.assertEqual((na.display, na.uri, na.params), (display, uri, params), text)
+            self.assertEqual(parse_name_addr(na.to_str()), na, text)
+        self.assertEqual(parse_name_addr("<sip:a@h>;TAG=x").tag, "x")
+        for bad in ("", "<sip:a@h", '"open <sip:a@h>', "< sip:a@h >", "a,b <sip:a@h>",
+                    "sip:a@h?x=y", "<sip:a@h> junk", "<sip:a@h>;", "<nouri>"):
+            self.assertRaises(ParseError, parse_name_addr, bad)
+
+    def test_cseq(self):
+        self.assertEqual(parse_cseq("0009  INVITE"), (9, "INVITE"))
+        self.assertEqual(parse_cseq("0 RECEIVE"), (0, "RECEIVE"))
+        for bad in ("", "1", "a b", "1 IN VITE", "٣ INVITE", "00000000000000000001x A"):
+            self.assertRaises(ParseError, parse_cseq, bad)
+
+    def test_uri(self):
+        uri = parse_uri("sips:+886912345678:pw@[2001:db8::2]:5061;user=phone;lr?subject=x")
+        self.assertEqual((uri.scheme, uri.user, uri.password, uri.host, uri.port),
+                         ("sips", "+886912345678", "pw", "2001:db8::2", 5061))
+        self.assertEqual((uri.params, uri.headers), ({"user": "phone", "lr": None}, "subject=x"))
+        self.assertEqual(parse_uri(uri.to_str()), uri)
+        self.assertEqual(parse_uri("sip:mpay.test").user, None)
+        self.assertRaises(ParseError, parse_uri, "sip:@h")
+        self.assertRaises(ParseError, parse_uri, "sip:a b@h")
+
+    def test_split_list(self):
+        self.assertEqual(split_list(' a , "b,c" <sip:x>,<sip:y,z>;q=1 ,, '),
+                         ["a", '"b,c" <sip:x>', "<sip:y,z>;q=1"])
+        self.assertEqual(split_list(""), [])
+
+
+class HeadersTests(unittest.TestCase):
+    def test_multimap_operations(self):
+        h = Headers([("v", "SIP/2.0/UDP a;branch=z9hG4bK1"), ("Allow", "INVITE, ACK")])
+        self.assertEqual(h.getall("Allow"), ["INVITE", "ACK"])
+        h.add("Via", "SIP/2.0/UDP b;branch=z9hG4bK2", first=True)
+        self.assertEqual(h.get("VIA"), "SIP/2.0/UDP b;branch=z9hG4bK2")
+        h.set("allow", "MESSAGE")
+        self.assertEqual(list(h)[-1], ("Allow", "MESSAGE"))
+        copy = h.copy()
+        h.remove("Via")
+        self.assertNotIn("Via", h)
+        self.assertIn("v", copy)
+        self.assertEqual(len(copy), 3)
+        self.assertIsNone(h.get("Via"))
+        self.assertEqual(h.get("Via", "-"), "-")
+
+    def test_values_with_line_breaks_are_refused(self):
+        h = Headers()
+        self.assertRaises(ValueError, h.add, "Subject", "hi\r\nVia: evil")
+        self.assertRaises(ValueError, h.set, "Subject", "hi\nx")
+        self.assertRaises(ValueError, h.add, "Bad Name", "x")
+
+    def test_parsed_values_are_cached_until_headers_change(self):
+        m = parse(REGISTER)
+        self.assertIs(m.vias, m.vias)
+        m.headers.add("Via", "SIP/2.0/TCP proxy;branch=z9hG4bKp", first=True)
+        self.assertEqual(m.top_via.host, "proxy")
+        m.headers = Headers([("CSeq", "5 MESSAGE")])
+        self.assertEqual((m.cseq, m.vias, m.top_via), ((5, "MESSAGE"), [], None))
+
+    def test_set_top_via(self):
+        m = parse(REGISTER)
+        via = m.top_via
+        via.params["received"] = "203.0.113.9"
+        m.set_top_via(via)
+        self.assertIn(b"rport;received=203.0.113.9\r\n", m.to_bytes())
+        self.assertEqual(parse(m.to_bytes()).top_via.received, "203.0.113.9")
+
+
+class BuildTests(unittest.TestCase):
+    def test_request_built_by_code_gets_its_content_length(self):
+        request = Request("MESSAGE", "sip:+886912345678@mpay.test", Headers([
+            ("Via", "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKb1"), ("From", "<sip:a@h>;tag=1"),
+            ("To", "<sip:b@h>"), ("Call-ID", "x"), ("CSeq", "1 MESSAGE")]), b"pay 5")
+        wire = request.to_bytes()
+        self.assertTrue(wire.endswith(b"\r\nContent-Length: 5\r\n\r\npay 5"))
+        self.assertEqual(parse(wire).body, b"pay 5")
+
+    def test_make_response_per_rfc3261_8_2_6(self):
+        request = parse(with_header(REGISTER, b"Via: SIP/2.0/UDP p2;branch=z9hG4bKp2\r\n"
+                                              b"Via: SIP/2.0/UDP p3;branch=z9hG4bKp3"))
+        response = make_response(request, 200, to_tag="t1", headers=[("Expires", "3600")],
+                                 body=b"ok")
+        self.assertEqual((response.status, response.reason), (200, "OK"))
+        self.assertEqual(response.headers.getall("Via"), request.headers.getall("Via"))
+        self.assertEqual(response.to_addr.tag, "t1")
+        self.assertEqual(response.from_addr, request.from_addr)
+        self.assertEqual((response.call_id, response.cseq), (request.call_id, request.cseq))
+        self.assertEqual([n for n, _ in response.headers],
+                         ["Via", "Via", "Via", "From", "To", "Call-ID", "CSeq", "Expires"])
+        self.assertIn(b"Content-Length: 2\r\n\r\nok", response.to_bytes())
+        tagged = make_response(parse(response.to_bytes().replace(b"SIP/2.0 200 OK",
+                                                                  b"BYE sip:x SIP/2.0")
+                                     .replace(b"2 REGISTER", b"2 BYE")), 200, to_tag="t2")
+        self.assertEqual(tagged.to_addr.tag, "t1")
+        self.assertEqual(make_response(request, 488).reason, "Not Acceptable Here")
+        self.assertEqual(make_response(request, 499).reason, "Client Error")
+        self.assertEqual(make_response(request, 402, "Insufficient Funds").reason,
+                         "Insufficient Funds")
