@@ -1,0 +1,1 @@
+"""Simulators for development, tests and demonstrations: stand-ins for hardware and phones."""
