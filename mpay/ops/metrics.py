@@ -1,0 +1,68 @@
+"""The Prometheus metrics page (text format, loopback by default).
+
+The SIP path counts into plain Counters; this collector turns them into
+metric families only when Prometheus scrapes, so observing the system costs
+the hot path nothing but a dictionary increment.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.twisted import MetricsResource
+from twisted.application import service, strports
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from mpay.sip.endpoint import SIPEndpoint
+
+
+class SIPCollector:
+    """Exposes the request, response, parse-error and transaction figures of every endpoint."""
+
+    def __init__(self, endpoints: Iterable[SIPEndpoint]):
+        self.endpoints = list(endpoints)
+
+    def collect(self):
+        requests = CounterMetricFamily("mpay_sip_requests", "SIP requests received, retransmissions included",
+                                       labels=["role", "method"])
+        responses = CounterMetricFamily("mpay_sip_responses", "SIP responses sent by server transactions",
+                                        labels=["role", "method", "status"])
+        errors = CounterMetricFamily("mpay_sip_parse_errors", "Malformed messages, answered (400) or dropped",
+                                     labels=["role", "action"])
+        absorbed = CounterMetricFamily("mpay_sip_retransmissions_absorbed",
+                                       "Retransmitted requests answered by their transaction",
+                                       labels=["role"])
+        overload = CounterMetricFamily("mpay_sip_overload_refusals",
+                                       "Requests refused with 503 because the transaction table was full",
+                                       labels=["role"])
+        transactions = GaugeMetricFamily("mpay_sip_transactions", "Live SIP transactions",
+                                         labels=["role", "kind"])
+        for endpoint in self.endpoints:
+            role = endpoint.role
+            for method, count in endpoint.requests.items():
+                requests.add_metric([role, method], count)
+            for (method, status), count in endpoint.responses.items():
+                responses.add_metric([role, method, str(status)], count)
+            for action, count in endpoint.parse_errors.items():
+                errors.add_metric([role, action], count)
+            stats = endpoint.layer.stats
+            absorbed.add_metric([role], stats["retransmissions_absorbed"])
+            overload.add_metric([role], stats["overload_refusals"])
+            for kind, count in endpoint.layer.counts().items():
+                transactions.add_metric([role, kind], count)
+        yield from (requests, responses, errors, absorbed, overload, transactions)
+
+
+def metrics_service(listen: str, endpoints: Iterable[SIPEndpoint], reactor=None) -> service.Service:
+    """A web listener serving /metrics from a registry of its own (no global state)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SIPCollector(endpoints))
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    svc = strports.service(listen, Site(root), reactor=reactor)
+    svc.setName("metrics")
+    svc.registry = registry
+    return svc

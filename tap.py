@@ -1,0 +1,130 @@
+"""``twistd mpay``: options and the service tree.
+
+    mpay (MultiService)
+    |-- timewheel         every server timer; started first, stopped last
+    |-- as                caller-ID receivers + UDP listener -> AuthenticationServer
+    |                     (mpay/auth/service.py)
+    |-- ps                [redis pool] + UDP listener -> PaymentServer (mpay/payment/service.py)
+    |-- metrics           Prometheus page (loopback)
+    `-- manhole           SSH (loopback, only when configured)
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mpay import config as mpay_config
+from mpay.auth.crypto import CryptoError
+from mpay.auth.service import build_as
+from mpay.e164 import InvalidNumber
+from mpay.ops.manhole import ManholeConfigError, manhole_service
+from mpay.ops.metrics import metrics_service
+from mpay.payment.service import build_ps
+from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.timing import TimerSettings
+from mpay.sip.transport import UDPListenerService
+from mpay.timewheel import TimeWheel, TimeWheelService
+
+log = Logger()
+
+# Command-line option -> configuration key it overrides.
+_OPTION_KEYS = {
+    "role": "server.role",
+    "as-listen": "as.listen",
+    "ps-listen": "ps.listen",
+    "metrics-listen": "metrics.listen",
+    "manhole-listen": "manhole.listen",
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Runs the mpay authentication and payment servers (etc/mpay.ini documents every key)."
+    optParameters = [
+        ["config", "c", None, "INI configuration file; without it the embedded defaults apply."],
+        ["role", None, None, "as, ps or all: which servers this process runs."],
+        ["as-listen", None, None, "AS listener, e.g. udp:5070:interface=127.0.0.1 (port 0: any)."],
+        ["ps-listen", None, None, "PS listener, e.g. udp:5060:interface=127.0.0.1 (port 0: any)."],
+        ["metrics-listen", None, None, "Metrics page listener, e.g. tcp:9460:interface=127.0.0.1; '' disables."],
+        ["manhole-listen", None, None, "SSH manhole listener, e.g. tcp:2222:interface=127.0.0.1."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["set"] = {}
+        self.config: mpay_config.Config | None = None
+
+    def opt_set(self, assignment: str) -> None:
+        """section.key=value: override any configuration key (repeatable)."""
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise usage.UsageError(f"--set wants section.key=value, not {assignment!r}")
+        self["set"][key.strip()] = value
+
+    def postOptions(self) -> None:
+        overrides = dict(self["set"])
+        for option, key in _OPTION_KEYS.items():
+            if self[option] is not None:
+                overrides[key] = self[option]
+        try:
+            self.config = mpay_config.load(self["config"], overrides)
+        except mpay_config.ConfigError as exc:
+            raise usage.UsageError(str(exc)) from exc
+
+
+class MpayService(service.MultiService):
+    """The root service; its attributes are what the manhole and tests look at."""
+
+    def __init__(self, config: mpay_config.Config, wheel: TimeWheel):
+        super().__init__()
+        self.config = config
+        self.wheel = wheel
+        self.endpoints: dict[str, SIPEndpoint] = {}
+        self.listeners: dict[str, UDPListenerService] = {}
+        self.cores: dict[str, object] = {}
+
+
+def makeService(options: Options, reactor=None) -> MpayService:
+    cfg = options.config
+    assert cfg is not None, "postOptions was not run"
+    wheel = TimeWheel(tick_s=cfg["timewheel"]["tick_ms"] / 1000.0)
+    top = MpayService(cfg, wheel)
+    # Servers start timers through the driver: it counts from reactor time, so none fires early.
+    timers = TimeWheelService(wheel, reactor=reactor)
+    timers.setName("timewheel")
+    timers.setServiceParent(top)
+    top.timers = timers
+
+    if reactor is None:
+        from twisted.internet import reactor
+    sip = cfg["sip"]
+    settings = TimerSettings(sip["t1_ms"] / 1000.0, sip["t2_ms"] / 1000.0, sip["t4_ms"] / 1000.0)
+    role = cfg["server"]["role"]
+    builders = {"as": build_as, "ps": build_ps}
+    for name, build in builders.items():
+        if role not in (name, "all"):
+            continue
+        try:
+            parent, endpoint = build(cfg, timers, settings, reactor)
+        except (CryptoError, InvalidNumber, OSError) as exc:
+            raise usage.UsageError(f"cannot start the {name.upper()}: {exc}") from exc
+        parent.setServiceParent(top)
+        top.endpoints[name] = endpoint
+        top.listeners[name] = parent.listener
+        top.cores[name] = parent.core
+
+    if cfg["metrics"]["listen"]:
+        metrics_service(cfg["metrics"]["listen"], top.endpoints.values(), reactor).setServiceParent(top)
+    manhole = cfg["manhole"]
+    if manhole["listen"]:
+        namespace = {"mpay": top, "config": cfg, "wheel": wheel, "endpoints": top.endpoints,
+                     "cores": top.cores}
+        try:
+            manhole_service(manhole["listen"], manhole["host_key"], manhole["authorized_keys"],
+                            manhole["passwords"], namespace, reactor).setServiceParent(top)
+        except ManholeConfigError as exc:
+            raise usage.UsageError(str(exc)) from exc
+    log.info("mpay: roles {roles}, domain {domain}", roles=sorted(top.endpoints), domain=cfg["server"]["domain"])
+    return top
