@@ -1,0 +1,1 @@
+"""Command-line programs: mpay-admin (ledger), mpay-dmd (device), mpay-load (capacity)."""

@@ -1,0 +1,137 @@
+"""``mpay-dmd``: the device side (Sim-DMD) from the command line.
+
+    mpay-dmd enroll +886912345678      # caller-ID enrolment (the simulated modem rings)
+    mpay-dmd ticket +886912345678      # get or renew a ticket
+    mpay-dmd register +886912345678    # tell the PS where this device is
+
+It reads the servers' INI file (``--config``, default etc/mpay.ini when
+present) for the domain, the listeners, the AS's identity and its pinned
+public key, so against ``make run`` no other option is needed.  The device's
+state (K, keys, ticket) lives in ``var/dmd/<number>.json``, mode 0600.  Exit
+status 0 means the step succeeded; otherwise the reason is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from twisted.internet import defer, task
+
+from mpay import config as mpay_config
+from mpay import e164
+from mpay.auth.keyfiles import load_public_key
+from mpay.sim.device import Device, DeviceError, DeviceState
+from mpay.sip.endpoint import SIPEndpoint, SIPTimeout
+from mpay.sip.transport import UDPListenerService, parse_udp_description
+from mpay.timewheel import TimeWheel, TimeWheelService
+
+DEFAULT_CONFIG = "etc/mpay.ini"
+STATE_DIR = "var/dmd"
+
+
+def _address(description: str) -> tuple[str, int]:
+    port, interface = parse_udp_description(description)
+    return (interface if interface not in ("", "0.0.0.0") else "127.0.0.1", port)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return (host or "127.0.0.1", int(port))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mpay-dmd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help=f"the servers' INI file (default {DEFAULT_CONFIG} if present)")
+    parser.add_argument("--as", dest="as_addr", type=_host_port, help="AS address HOST:PORT")
+    parser.add_argument("--ps", dest="ps_addr", type=_host_port, help="PS address HOST:PORT")
+    parser.add_argument("--as-key", help="the AS's pinned Ed25519 public key file")
+    parser.add_argument("--state", help=f"device state file (default {STATE_DIR}/NUMBER.json)")
+    parser.add_argument("--bind", default="127.0.0.1", help="local address to send from")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("enroll", "prove the number by caller ID and agree K with the AS"),
+                       ("ticket", "get (or renew) a ticket for the PS"),
+                       ("register", "register this device's location at the PS")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("number", help="the device's telephone number")
+        if name == "register":
+            command.add_argument("--expires", type=int, default=3600, help="seconds; 0 unregisters")
+    return parser.parse_args(argv)
+
+
+@defer.inlineCallbacks
+def run(reactor, args: argparse.Namespace):
+    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    cfg = mpay_config.load(path)
+    number = e164.normalise(args.number, cfg["server"]["default_region"])
+    state_path = args.state or os.path.join(STATE_DIR, f"{number}.json")
+    if args.command == "enroll":
+        state = DeviceState.new(number)
+    elif os.path.exists(state_path):
+        state = DeviceState.load(state_path)
+    else:
+        raise DeviceError(f"{state_path}: no such device; run `mpay-dmd enroll {number}` first")
+    os.makedirs(os.path.dirname(state_path) or ".", exist_ok=True)
+    signing_key = cfg["as"]["signing_key"]
+    as_key = args.as_key or (signing_key[:-4] if signing_key.endswith(".pem") else signing_key) + ".pub"
+
+    def ring(number: str, line: str) -> defer.Deferred:
+        from mpay.sim.modem import ring_via_control
+
+        print(f"placing the call to {line} (simulated modem)")
+        return ring_via_control(cfg["callerid"]["sim_control"], number, reactor=reactor)
+
+    wheel = TimeWheel(tick_s=cfg["timewheel"]["tick_ms"] / 1000.0)
+    timers = TimeWheelService(wheel, reactor=reactor)
+    device = Device(state, domain=cfg["server"]["domain"],
+                    as_addr=args.as_addr or _address(cfg["as"]["listen"]),
+                    ps_addr=args.ps_addr or _address(cfg["ps"]["listen"]),
+                    as_identity=cfg["as"]["identity"], pinned_as_key=load_public_key(as_key),
+                    ring=ring, clock=reactor.seconds, reactor=reactor, state_path=state_path)
+    device.endpoint = SIPEndpoint("dmd", device, timers)
+    listener = UDPListenerService(f"udp:0:interface={args.bind}", device.endpoint, reactor=reactor)
+    timers.startService()
+    listener.startService()
+    try:
+        if args.command == "enroll":
+            yield device.enroll()
+            print(f"enrolled {number}; K agreed with the AS (signature verified against {as_key})")
+            print(f"device state: {state_path}")
+        elif args.command == "ticket":
+            yield device.get_ticket()
+            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.ticket_expires))
+            print(f"ticket for {number}, valid until {until}")
+        else:
+            response = yield device.register(args.expires)
+            print(f"registered {number} at the PS: {response.status} {response.reason}, "
+                  f"expires {response.headers.get('Expires')} s")
+    finally:
+        yield listener.stopService()
+        timers.stopService()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def go(reactor):
+        done = run(reactor, args)
+
+        def failed(failure):
+            failure.trap(DeviceError, SIPTimeout, e164.InvalidNumber, mpay_config.ConfigError,
+                         OSError, defer.TimeoutError, ValueError)
+            print(f"mpay-dmd {args.command}: {failure.getErrorMessage()}", file=sys.stderr)
+            raise SystemExit(1)
+
+        return done.addErrback(failed)
+
+    try:
+        task.react(go)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Assembling the payment server from the configuration.
+
+    ps (MultiService)
+    |-- redis              only with [location] backend = redis: the connection pool
+    `-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+
+from mpay.auth.service import k_ps_ring, ticket_verifier
+from mpay.config import Config
+from mpay.payment.registrar import Registrar
+from mpay.payment.server import PaymentServer
+from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.transport import UDPListenerService
+from mpay.stores.location import MemoryLocationStore, RedisLocationStore, connect_redis
+
+
+class RedisService(service.Service):
+    """Owns the txredisapi pool: connects lazily, disconnects when the PS stops."""
+
+    def __init__(self, host: str, port: int, db: int):
+        self.pool = connect_redis(host, port, db)
+
+    def stopService(self):
+        super().stopService()
+        return self.pool.disconnect()
+
+
+def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any) -> tuple[service.MultiService, SIPEndpoint]:
+    parent = service.MultiService()
+    parent.setName("ps")
+    location = cfg["location"]
+    if location["backend"] == "redis":
+        redis = RedisService(location["redis_host"], location["redis_port"], location["redis_db"])
+        redis.setName("redis")
+        redis.setServiceParent(parent)
+        locations: Any = RedisLocationStore(redis.pool, location["redis_prefix"])
+    else:
+        locations = MemoryLocationStore(timers)
+    registrar = Registrar(ticket_verifier(cfg, k_ps_ring(cfg)), locations, reactor.seconds)
+    core = PaymentServer(registrar)
+    sip = cfg["sip"]
+    endpoint = SIPEndpoint("ps", core, timers, settings, sip["max_transactions"])
+    listener = UDPListenerService(cfg["ps"]["listen"], endpoint, reactor=reactor,
+                                  rcvbuf_bytes=sip["udp_rcvbuf_bytes"])
+    listener.setName("ps-sip")
+    listener.setServiceParent(parent)
+    parent.core, parent.listener, parent.locations = core, listener, locations
+    return parent, endpoint

@@ -1,0 +1,231 @@
+"""The DMD's protocol logic (the Sim-DMD and the wallet share it).
+
+The device speaks through an ordinary :class:`SIPEndpoint` (so its requests
+are retransmitted and the AS's REFER is answered by a real server
+transaction) and keeps what it must remember in a :class:`DeviceState`
+file of mode 0600: its number, its Ed25519 key, K, and its current ticket.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mpay import e164
+from mpay.auth import wire
+from mpay.auth.crypto import public_key_raw
+from mpay.auth.keyagreement import AsAcceptance, DmdKeyAgreement
+from mpay.auth.keyfiles import read_secret_file, write_secret_file
+from mpay.auth.tickets import (
+    AUTHENTICATOR_HEADER, NONCE_BYTES, SESSION_HEADER, TICKET_HEADER, TICKET_REQUEST_PURPOSE,
+    make_authenticator, open_session_part,
+)
+from mpay.sip.message import Request, Response
+from mpay.sip.useragent import build_request, new_call_id
+
+REFER_WAIT_S = 40.0          # the AS sends its REFER Timer A after the 401; allow retransmissions
+SIPFRAG_CALL_PLACED = b"SIP/2.0 200 OK\r\n"
+
+
+class DeviceError(Exception):
+    """A step failed; the message says which and what the server answered."""
+
+
+@dataclass
+class DeviceState:
+    number: str
+    signing_key: str                 # Ed25519 private key, raw 32 bytes, base64
+    k: str | None = None             # enrolment secret K, base64
+    ticket: str | None = None
+    k_c_ps: str | None = None        # session key for the PS, base64
+    ticket_expires: float | None = None
+
+    @classmethod
+    def new(cls, number: str) -> "DeviceState":
+        raw = Ed25519PrivateKey.generate().private_bytes_raw()
+        return cls(number, base64.b64encode(raw).decode())
+
+    def private_key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(base64.b64decode(self.signing_key))
+
+    def save(self, path: str) -> None:
+        write_secret_file(path, json.dumps(asdict(self), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: str) -> "DeviceState":
+        return cls(**json.loads(read_secret_file(path)))
+
+
+def _b(text: str | None) -> bytes:
+    if text is None:
+        raise DeviceError("not enrolled (no K) or no ticket yet")
+    return base64.b64decode(text)
+
+
+class Device:
+    """One DMD.  ``ring(number, line_uri) -> Deferred`` places the enrolment call."""
+
+    log = Logger()
+
+    def __init__(self, state: DeviceState, *, domain: str, as_addr: tuple[str, int],
+                 ps_addr: tuple[str, int], as_identity: str, pinned_as_key: Any,
+                 ring: Callable[[str, str], defer.Deferred], clock: Callable[[], float],
+                 reactor: Any = None, state_path: str | None = None):
+        self.state = state
+        self.domain = domain
+        self.as_addr = as_addr
+        self.ps_addr = ps_addr
+        self.as_identity = as_identity
+        self.pinned_as_key = pinned_as_key
+        self.ring = ring
+        self.clock = clock
+        self.reactor = reactor
+        self.state_path = state_path
+        self.endpoint: Any = None
+        self.handlers = {"REFER": self._on_refer}
+        self._refer: defer.Deferred | None = None
+        self._cseq = 0
+
+    def ack_received(self, request: Request, addr: Any) -> None:
+        """No INVITE dialogs on the device yet."""
+
+    # -- helpers -------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return e164.sip_uri(self.state.number, self.domain)
+
+    @property
+    def ip(self) -> str:
+        return self.endpoint.sent_by[0]
+
+    def _request(self, method: str, request_uri: str, **kwargs) -> Request:
+        self._cseq += 1
+        host, port = self.endpoint.sent_by
+        kwargs.setdefault("call_id", new_call_id(host))
+        return build_request(method, request_uri, sent_by=(host, port), from_uri=self.uri,
+                             to_uri=kwargs.pop("to_uri", self.uri), cseq=self._cseq, **kwargs)
+
+    def _save(self) -> None:
+        if self.state_path is not None:
+            self.state.save(self.state_path)
+
+    @staticmethod
+    def _expect(response: Response, status: int, step: str) -> None:
+        if response.status != status:
+            raise DeviceError(f"{step}: {response.status} {response.reason}")
+
+    # -- enrolment -------------------------------------------------------------
+    def _on_refer(self, txn: Any, request: Request) -> None:
+        if self._refer is None or self._refer.called:
+            txn.respond_with(403, "No Enrolment In Progress")
+            return
+        self._refer.callback((txn, request))
+
+    @defer.inlineCallbacks
+    def enroll(self):
+        """REGISTER -> 401 -> REFER (202) -> the call -> NOTIFY -> 200 with the AS's share."""
+        refer = self._refer = defer.Deferred()
+        if self.reactor is not None:
+            refer.addTimeout(REFER_WAIT_S, self.reactor)
+        try:
+            k = yield self._enroll(refer)
+        finally:
+            if not refer.called:
+                refer.addErrback(lambda failure: None)
+                refer.cancel()
+        return k
+
+    @defer.inlineCallbacks
+    def _enroll(self, refer_received: defer.Deferred):
+        signing = self.state.private_key()
+        agreement = DmdKeyAgreement(self.state.number, self.as_identity, signing.public_key())
+        register = self._request("REGISTER", f"sip:{self.domain}", headers=[
+            (wire.KEY_SHARE_HEADER, wire.key_share(agreement.public)),
+            (wire.NONCE_HEADER, wire.nonce(agreement.nonce)),
+            (wire.SIGNING_KEY_HEADER, wire.signing_key(public_key_raw(signing.public_key()))),
+        ], contact=f"sip:{self.state.number}@{self.ip}:{self.endpoint.sent_by[1]}")
+        response = yield self.endpoint.send_request(register, self.as_addr)
+        self._expect(response, 401, "enrolment REGISTER")
+        line = wire.read_challenge(response.headers.get("WWW-Authenticate"))
+        txn, refer = yield refer_received
+        refer_to = refer.headers.get("Refer-To", "").strip("<> ")
+        if refer_to != line:
+            txn.respond_with(403, "Refer-To Is Not The Challenged Line")
+            raise DeviceError(f"REFER to {refer_to!r}, but the 401 named {line!r}")
+        txn.respond_with(202)
+        self.log.info("dmd: calling {line} to prove {number}", line=line, number=self.state.number)
+        yield self.ring(self.state.number, line)
+        notify = self._notify_for(txn, refer)
+        response = yield self.endpoint.send_request(notify, self.as_addr)
+        self._expect(response, 200, "enrolment NOTIFY")
+        headers = response.headers
+        acceptance = AsAcceptance(wire.read_key_share(headers.get(wire.KEY_SHARE_HEADER)),
+                                  wire.read_nonce(headers.get(wire.NONCE_HEADER)),
+                                  wire.read_signature(headers.get(wire.AS_SIGNATURE_HEADER)))
+        # Raises EnrolmentAborted when the AS's signature is not the pinned key's: a MITM.
+        k = agreement.finish(acceptance, self.pinned_as_key)
+        self.state.k = base64.b64encode(k).decode()
+        self._save()
+        return k
+
+    def _notify_for(self, txn: Any, refer: Request) -> Request:
+        """NOTIFY in the REFER's dialog (RFC 3515): the call was placed."""
+        their = refer.from_addr
+        self._cseq += 1
+        host, port = self.endpoint.sent_by
+        return build_request(
+            "NOTIFY", refer.headers.get("Contact", "").strip("<> ") or f"sip:{self.domain}",
+            sent_by=(host, port), from_uri=self.uri, to_uri=their.uri, call_id=refer.call_id,
+            cseq=self._cseq, from_tag=txn.to_tag, to_tag=their.tag,
+            headers=[("Event", "refer"), ("Subscription-State", "terminated;reason=noresource")],
+            body=SIPFRAG_CALL_PLACED, content_type="message/sipfrag;version=2.0")
+
+    # -- tickets ---------------------------------------------------------------
+    @defer.inlineCallbacks
+    def get_ticket(self):
+        """A new ticket, proving K; renews with the current ticket when it is still valid."""
+        k = _b(self.state.k)
+        nonce = os.urandom(NONCE_BYTES)
+        request = self._request("REGISTER", f"sip:{self.domain}")
+        now = self.clock()
+        digest = wire.digest_of(request)
+        if self.state.ticket and self.state.ticket_expires and self.state.ticket_expires > now:
+            request.headers.add(TICKET_HEADER, self.state.ticket)
+            request.headers.add(AUTHENTICATOR_HEADER, make_authenticator(
+                _b(self.state.k_c_ps), self.state.number, self.ip, digest, now, nonce))
+        else:
+            request.headers.add(AUTHENTICATOR_HEADER, make_authenticator(
+                k, self.state.number, self.ip, digest, now, nonce, purpose=TICKET_REQUEST_PURPOSE))
+        response = yield self.endpoint.send_request(request, self.as_addr)
+        self._expect(response, 200, "ticket request")
+        part = open_session_part(k, self.state.number, response.headers.get(SESSION_HEADER), nonce)
+        self.state.ticket = response.headers.get(TICKET_HEADER)
+        self.state.k_c_ps = base64.b64encode(part.k_c_ps).decode()
+        self.state.ticket_expires = part.expires_ms / 1000.0
+        self._save()
+        return self.state.ticket
+
+    def authenticate(self, request: Request) -> Request:
+        """Attach the ticket and a fresh authenticator bound to *request*."""
+        request.headers.add(TICKET_HEADER, self.state.ticket or "")
+        request.headers.add(AUTHENTICATOR_HEADER, make_authenticator(
+            _b(self.state.k_c_ps), self.state.number, self.ip, wire.digest_of(request), self.clock()))
+        return request
+
+    @defer.inlineCallbacks
+    def register(self, expires_s: int = 3600):
+        """Tell the PS where this device is; expires 0 removes the binding."""
+        host, port = self.endpoint.sent_by
+        request = self._request("REGISTER", f"sip:{self.domain}",
+                                contact=f"sip:{self.state.number}@{host}:{port}",
+                                headers=[("Expires", str(expires_s))])
+        response = yield self.endpoint.send_request(self.authenticate(request), self.ps_addr)
+        self._expect(response, 200, "REGISTER to the PS")
+        return response

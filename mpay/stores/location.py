@@ -1,0 +1,114 @@
+"""The location store: where each DMD can be reached now (thesis 3.4, mobility).
+
+A binding maps a number to the contact its device registered and the address
+the REGISTER really came from (behind NAT the two differ, and only the
+latter reaches the device).  A binding that is not refreshed lapses: the
+device is then "offline".  Two implementations with one interface:
+
+- :class:`MemoryLocationStore`: a dict, expiry on the time wheel; for one
+  process (the embedded default).
+- :class:`RedisLocationStore`: one Redis key per number with a TTL, shared by
+  every PS process (txredisapi connection pool, many requests in flight).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from twisted.internet import defer
+
+LOCATION_DEFAULT_EXPIRES_S = 3600
+LOCATION_MIN_EXPIRES_S = 60        # below this: 423 Interval Too Brief (RFC 3261 10.3)
+LOCATION_MAX_EXPIRES_S = 86_400    # longer requests are shortened to this
+REDIS_POOL_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Binding:
+    number: str
+    contact: str         # Contact URI as the device registered it
+    host: str            # source address of the REGISTER: where requests go
+    port: int
+    transport: str       # "UDP" (TCP/TLS later)
+    expires_at: float    # server clock, seconds
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Binding":
+        return cls(**json.loads(text))
+
+
+class LocationStore(Protocol):
+    def bind(self, binding: Binding, ttl_s: int) -> defer.Deferred: ...
+    def lookup(self, number: str) -> defer.Deferred: ...
+    def remove(self, number: str) -> defer.Deferred: ...
+
+
+class MemoryLocationStore:
+    """Bindings in a dict; each has one wheel timer, replaced on refresh."""
+
+    def __init__(self, wheel: Any):
+        self.wheel = wheel
+        self._bindings: dict[str, tuple[Binding, Any]] = {}
+
+    def bind(self, binding: Binding, ttl_s: int) -> defer.Deferred:
+        assert ttl_s > 0, "a zero expiry is a removal"
+        previous = self._bindings.get(binding.number)
+        if previous is not None:
+            previous[1].cancel()
+        handle = self.wheel.start(ttl_s, self._lapse, binding.number, binding)
+        self._bindings[binding.number] = (binding, handle)
+        return defer.succeed(None)
+
+    def _lapse(self, number: str, binding: Binding) -> None:
+        current = self._bindings.get(number)
+        if current is not None and current[0] is binding:
+            del self._bindings[number]
+
+    def lookup(self, number: str) -> defer.Deferred:
+        entry = self._bindings.get(number)
+        return defer.succeed(entry[0] if entry is not None else None)
+
+    def remove(self, number: str) -> defer.Deferred:
+        entry = self._bindings.pop(number, None)
+        if entry is not None:
+            entry[1].cancel()
+        return defer.succeed(None)
+
+    def __len__(self) -> int:
+        return len(self._bindings)
+
+
+class RedisLocationStore:
+    """One key per number, ``SET key json EX ttl``; Redis expires what lapses."""
+
+    def __init__(self, redis: Any, prefix: str = "mpay:"):
+        self.redis = redis
+        self.prefix = prefix
+
+    def _key(self, number: str) -> str:
+        return f"{self.prefix}loc:{number}"
+
+    def bind(self, binding: Binding, ttl_s: int) -> defer.Deferred:
+        assert ttl_s > 0, "a zero expiry is a removal"
+        return self.redis.set(self._key(binding.number), binding.to_json(), expire=ttl_s)
+
+    @defer.inlineCallbacks
+    def lookup(self, number: str):
+        value = yield self.redis.get(self._key(number))
+        return None if value is None else Binding.from_json(value)
+
+    def remove(self, number: str) -> defer.Deferred:
+        return self.redis.delete(self._key(number))
+
+
+def connect_redis(host: str, port: int, db: int = 0, pool_size: int = REDIS_POOL_SIZE):
+    """A lazily connecting, reconnecting txredisapi pool (requests queue until it is up)."""
+    import txredisapi
+
+    return txredisapi.lazyConnectionPool(host=host, port=port, dbid=db, poolsize=pool_size,
+                                         reconnect=True, charset="utf-8")

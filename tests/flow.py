@@ -1,0 +1,105 @@
+"""A running mpay (AS + PS, as twistd builds it) and Sim-DMDs, on loopback, for flow tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+
+from twisted.internet import defer, reactor
+
+import tap
+from mpay.auth.keyfiles import load_public_key
+from mpay.sim.device import Device, DeviceState
+from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.message import Request, parse
+from mpay.sip.transport import UDPListenerService
+
+
+class Recorder:
+    """What a device sent and received, as ('>' or '<', method or status) pairs."""
+
+    def __init__(self, endpoint: SIPEndpoint):
+        self.seen: list[tuple[str, object]] = []
+        write, receive = endpoint.write, endpoint.datagram_received
+
+        def recording_write(data, addr):
+            self.seen.append((">", self._label(data)))
+            write(data, addr)
+
+        def recording_receive(data, addr):
+            self.seen.append(("<", self._label(data)))
+            receive(data, addr)
+
+        endpoint.write = recording_write
+        endpoint.datagram_received = recording_receive
+
+    @staticmethod
+    def _label(data: bytes):
+        message = parse(data)
+        return message.method if isinstance(message, Request) else message.status
+
+    def flow(self) -> list[tuple[str, object]]:
+        """The exchange without retransmissions or 100 Trying: one entry per message."""
+        out: list[tuple[str, object]] = []
+        for entry in self.seen:
+            if entry[1] != 100 and (not out or out[-1] != entry):
+                out.append(entry)
+        return out
+
+
+class MpayFixture:
+    """Starts the servers with keys and the modem control socket in a temp dir."""
+
+    def __init__(self, testcase, *settings: str):
+        self.testcase = testcase
+        # Short and private: a UNIX socket path must stay under 108 bytes.
+        self.dir = tempfile.mkdtemp(prefix="mpay-")
+        testcase.addCleanup(shutil.rmtree, self.dir, True)
+        args = ["--as-listen", "udp:0:interface=127.0.0.1", "--ps-listen", "udp:0:interface=127.0.0.1",
+                "--metrics-listen", ""]
+        for setting in (f"as.signing_key={self.dir}/as.pem", f"as.master_keys={self.dir}/master.keys",
+                        f"tickets.k_ps_keys={self.dir}/k_ps.keys",
+                        f"callerid.sim_control={self.dir}/modem.sock") + settings:
+            args += ["--set", setting]
+        options = tap.Options()
+        options.parseOptions(args)
+        self.config = options.config
+        self.top = tap.makeService(options)
+        self.as_core = self.top.cores["as"]
+        self.ps_core = self.top.cores["ps"]
+        self.modem = self.top.getServiceNamed("as").getServiceNamed("sim-modem").modem
+
+    @defer.inlineCallbacks
+    def start(self):
+        self.top.startService()
+        self.testcase.addCleanup(self.top.stopService)
+        # The receiver must have switched caller-ID reports on before anyone calls.
+        yield self.modem.wait_for_command("AT+VCID=1")
+
+    def address(self, role: str) -> tuple[str, int]:
+        return ("127.0.0.1", self.top.listeners[role].port)
+
+    def ring(self, number: str, line: str) -> defer.Deferred:
+        """The device "places the call": the simulated modem on that line rings."""
+        self.modem.ring(number)
+        return defer.succeed(None)
+
+    def device(self, number: str, *, ring=None, pinned_as_key=None) -> tuple[Device, Recorder]:
+        state = DeviceState.new(number)
+        pinned = pinned_as_key or load_public_key(os.path.join(self.dir, "as.pub"))
+        device = Device(state, domain=self.config["server"]["domain"], as_addr=self.address("as"),
+                        ps_addr=self.address("ps"), as_identity=self.config["as"]["identity"],
+                        pinned_as_key=pinned, ring=ring or self.ring, clock=reactor.seconds,
+                        reactor=reactor, state_path=os.path.join(self.dir, f"{number}.json"))
+        endpoint = SIPEndpoint("dmd", device, self.top.timers)
+        device.endpoint = endpoint
+        listener = UDPListenerService("udp:0:interface=127.0.0.1", endpoint, reactor=reactor)
+        listener.startService()
+        self.testcase.addCleanup(listener.stopService)
+        return device, Recorder(endpoint)
+
+
+def redis_prefix() -> str:
+    return f"mpay-test-{secrets.token_hex(4)}:"
