@@ -4,36 +4,21 @@ A device proves it owns its number by calling one of the AS's telephone lines;
 the modem reports the calling number between the first and second ring, and
 the AS hangs up without answering, so the call costs nothing.  Three layers:
 
-- `CallerIDParser` (sans-IO): report lines in, one `CallerIDEvent` per call out.
+- `CallerIDParser` (sans-IO, in `mpay.auth.callerid_reports`): report lines in,
+  one `CallerIDEvent` per call out.
 - `ModemProtocol`: LineReceiver glue.  Sends the init commands one at a time (a
   modem resetting after ATZ drops what it is sent meanwhile), sends ATH when a
   report is complete, and owns the only timers.
 - `CallerIDReceiverService`: opens the tty with Twisted's SerialPort, and
   reopens it when the device goes away (a USB modem unplugged).
 
-When a report ends.  A block is the run of ``DATE``/``TIME``/``NMBR``/``NAME``
-lines (``KEY = value``, spaces optional) of one call; it ends, giving exactly
-one event, at the first of:
-
-1. it holds both NMBR and NAME (either order: modems differ; both come last);
-2. it holds NMBR and a blank line arrives;
-3. a RING, a result code (OK, ERROR...) or an AT echo arrives;
-4. a field it already holds arrives again: that field starts the next block;
-5. `CallerIDParser.flush`, called by the protocol once the modem has been quiet
-   for `BLOCK_SETTLE_S` (a caller may hang up right after a number-only report).
-
-Blank lines before the number are ignored (some modems frame every line with
-them).  Garbage (noise, unknown text, ``MESG`` data) is counted and never ends
-a block, so noise does not split one call into two.  A block without NMBR
-still gives an event, with number None, so the AS can say why it refused.
+Report framing is documented in `mpay.auth.callerid_reports`.
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import serial
 from twisted.application import service
@@ -44,7 +29,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from mpay.e164 import InvalidNumber, normalise
+from mpay.auth.callerid_reports import CallerIDEvent, CallerIDParser
 
 DEFAULT_INIT_COMMANDS = ("ATZ", "AT+VCID=1")
 DEFAULT_BAUDRATE = 9600
@@ -61,138 +46,37 @@ COMMAND_TIMEOUT_S = 3.0
 # At most this many commands wait for the modem (init + one ATH).
 MAX_QUEUED_COMMANDS = 8
 # Caller-ID names are at most 15 characters on the wire; be generous, but bounded.
-MAX_NAME_CHARS = 50
 # Reopening a lost or missing device: first delay, doubling up to the cap.
 REOPEN_DELAY_S = 1.0
 REOPEN_MAX_DELAY_S = 60.0
 # stopService waits this long for queued bytes to drain before closing anyway.
 CLOSE_TIMEOUT_S = 2.0
 
-_FIELD_RE = re.compile(r"(DATE|TIME|NMBR|DDN_NMBR|NAME|MESG)\s*=\s*(.*)", re.IGNORECASE)
-_DIGITS4_RE = re.compile(r"[0-9]{4}")
-RESULT_CODES = frozenset(("OK", "ERROR", "NO CARRIER", "BUSY", "NO DIALTONE", "NO ANSWER"))
-_WITHHELD = "P"      # NMBR = P: the caller asked for privacy
-_UNAVAILABLE = "O"   # NMBR = O: out of area, or the network did not send it
 
 OnCallerID = Callable[["CallerIDEvent"], object]
 
 
-def _cancel(call: IDelayedCall | None) -> None:
-    if call is not None and call.active():
+def _cancel(call: Any) -> None:
+    """Cancel a pending timer: a wheel handle (idempotent) or a reactor DelayedCall."""
+    if call is None:
+        return
+    active = call.active
+    if active() if callable(active) else active:
         call.cancel()
 
 
-@dataclass(frozen=True)
-class CallerIDEvent:
-    """One incoming call on line *line_id*.
+class ReactorTimers:
+    """The time wheel's ``start`` over a bare reactor: for tools and tests without a wheel.
 
-    *number_e164* is None when the caller cannot be identified, and *reason*
-    then says why (withheld, unavailable, not a valid number...).  *date* and
-    *time* are the modem's ``MMDD`` and ``HHMM`` (local time of the exchange,
-    no year), kept for logs only.
+    In the servers the receiver is given the wheel's driver, so its timers
+    live with every other server timer.
     """
 
-    line_id: str
-    number_e164: str | None
-    withheld: bool
-    unavailable: bool
-    name: str | None
-    raw_number: str | None
-    date: str | None
-    time: str | None
-    reason: str | None = None
+    def __init__(self, clock: IReactorTime):
+        self.clock = clock
 
-    def __post_init__(self) -> None:
-        assert (self.number_e164 is None) == (self.reason is not None), self
-
-
-class CallerIDParser:
-    """Modem report lines in, `CallerIDEvent` out; never raises on input."""
-
-    def __init__(self, line_id: str, default_region: str):
-        self.line_id = line_id
-        self.default_region = default_region
-        self._block: dict[str, str] | None = None
-        self.rings = 0
-        self.events = 0
-        self.garbage_lines = 0
-
-    @property
-    def in_block(self) -> bool:
-        """A report is open: the caller of `flush` should wait for its end."""
-        return self._block is not None
-
-    def feed(self, line: str) -> CallerIDEvent | None:
-        """One line without its terminator; the event, if this line ended a block."""
-        text = line.strip()
-        field = _FIELD_RE.fullmatch(text)
-        if field is not None:
-            return self._field(field.group(1).upper(), field.group(2).strip())
-        block = self._block
-        if not text:
-            return self.flush() if block is not None and "NMBR" in block else None
-        upper = text.upper()
-        if upper == "RING":
-            self.rings += 1
-        elif upper not in RESULT_CODES and not upper.startswith("AT"):
-            self.garbage_lines += 1
-            return None
-        return self.flush()
-
-    def flush(self) -> CallerIDEvent | None:
-        """End the open block, if any, and return its event."""
-        block, self._block = self._block, None
-        if block is None:
-            return None
-        self.events += 1
-        return _event(self.line_id, self.default_region, block)
-
-    def discard(self) -> bool:
-        """Drop an unfinished block (the device went away); True if there was one."""
-        block, self._block = self._block, None
-        return block is not None
-
-    def _field(self, key: str, value: str) -> CallerIDEvent | None:
-        if key == "MESG":            # data of tags the modem does not know
-            self.garbage_lines += 1
-            return None
-        if key == "DDN_NMBR":        # "dialable directory number": the same number
-            key = "NMBR"
-        event = None
-        if self._block is not None and key in self._block:
-            event = self.flush()
-        if self._block is None:
-            self._block = {}
-        self._block[key] = value
-        if "NMBR" in self._block and "NAME" in self._block:
-            assert event is None     # a repeat leaves a block with one field
-            event = self.flush()
-        return event
-
-
-def _event(line_id: str, region: str, block: dict[str, str]) -> CallerIDEvent:
-    raw = block.get("NMBR")
-    name = block.get("NAME")
-    if name is not None:
-        name = None if name.upper() in (_WITHHELD, _UNAVAILABLE, "") else name[:MAX_NAME_CHARS]
-    date, time = block.get("DATE"), block.get("TIME")
-    common = dict(line_id=line_id, name=name, raw_number=raw,
-                  date=date if date and _DIGITS4_RE.fullmatch(date) else None,
-                  time=time if time and _DIGITS4_RE.fullmatch(time) else None)
-    flag = (raw or "").upper()
-    if flag == _WITHHELD:
-        return CallerIDEvent(number_e164=None, withheld=True, unavailable=False,
-                             reason="caller withheld the number", **common)
-    if flag == _UNAVAILABLE or not raw:
-        why = "number unavailable" if raw else "caller-ID report without a number"
-        return CallerIDEvent(number_e164=None, withheld=False, unavailable=True,
-                             reason=why, **common)
-    try:
-        number = normalise(raw, region)
-    except InvalidNumber as exc:
-        return CallerIDEvent(number_e164=None, withheld=False, unavailable=False,
-                             reason=f"caller number {raw!r}: {exc.reason}", **common)
-    return CallerIDEvent(number_e164=number, withheld=False, unavailable=False, **common)
+    def start(self, delay_s: float, callback: Callable[..., object], *args: object) -> IDelayedCall:
+        return self.clock.callLater(delay_s, callback, *args)
 
 
 class ModemProtocol(LineReceiver):
@@ -209,9 +93,11 @@ class ModemProtocol(LineReceiver):
     def __init__(self, parser: CallerIDParser, on_caller_id: OnCallerID,
                  init_commands: tuple[str, ...] | list[str] = DEFAULT_INIT_COMMANDS,
                  clock: IReactorTime | None = None,
-                 on_connection_lost: Callable[[Failure], object] | None = None):
+                 on_connection_lost: Callable[[Failure], object] | None = None,
+                 timers: Any = None):
         if clock is None:
             from twisted.internet import reactor as clock
+        self.timers = timers if timers is not None else ReactorTimers(clock)
         self.parser = parser
         self.on_caller_id = on_caller_id
         self.init_commands = tuple(init_commands)
@@ -219,8 +105,8 @@ class ModemProtocol(LineReceiver):
         self.on_connection_lost = on_connection_lost
         self._queue: deque[str] = deque()
         self._waiting_for: str | None = None
-        self._command_timer: IDelayedCall | None = None
-        self._settle_timer: IDelayedCall | None = None
+        self._command_timer: Any = None
+        self._settle_timer: Any = None
 
     def connectionMade(self) -> None:
         for command in self.init_commands:
@@ -242,7 +128,7 @@ class ModemProtocol(LineReceiver):
         command = self._queue.popleft()
         self._waiting_for = command
         self.transport.write(command.encode("ascii") + b"\r")
-        self._command_timer = self.clock.callLater(COMMAND_TIMEOUT_S, self._command_timed_out)
+        self._command_timer = self.timers.start(COMMAND_TIMEOUT_S, self._command_timed_out)
 
     def _command_timed_out(self) -> None:
         self._command_timer = None
@@ -279,7 +165,7 @@ class ModemProtocol(LineReceiver):
         _cancel(self._settle_timer)
         self._settle_timer = None
         if self.parser.in_block:
-            self._settle_timer = self.clock.callLater(BLOCK_SETTLE_S, self._settled)
+            self._settle_timer = self.timers.start(BLOCK_SETTLE_S, self._settled)
 
     def _settled(self) -> None:
         self._settle_timer = None
@@ -325,9 +211,10 @@ class CallerIDReceiverService(service.Service):
                  default_region: str,
                  init_commands: tuple[str, ...] | list[str] = DEFAULT_INIT_COMMANDS,
                  baudrate: int = DEFAULT_BAUDRATE, reactor=None,
-                 reopen_delay_s: float = REOPEN_DELAY_S):
+                 reopen_delay_s: float = REOPEN_DELAY_S, timers: Any = None):
         if reactor is None:
             from twisted.internet import reactor
+        self.timers = timers if timers is not None else ReactorTimers(reactor)
         self.device_path = device_path
         self.on_caller_id = on_caller_id
         self.line_id = line_id
@@ -340,7 +227,7 @@ class CallerIDReceiverService(service.Service):
         self.port: SerialPort | None = None
         self._reactor = reactor
         self._delay_s = reopen_delay_s
-        self._reopen: IDelayedCall | None = None
+        self._reopen: Any = None
         self._closed: defer.Deferred | None = None
 
     def startService(self) -> None:
@@ -350,7 +237,8 @@ class CallerIDReceiverService(service.Service):
     def _open(self) -> None:
         self._reopen = None
         protocol = ModemProtocol(self.parser, self.on_caller_id, self.init_commands,
-                                 clock=self._reactor, on_connection_lost=self._lost)
+                                 clock=self._reactor, on_connection_lost=self._lost,
+                                 timers=self.timers)
         try:
             self.port = SerialPort(protocol, self.device_path, self._reactor,
                                    baudrate=self.baudrate)
@@ -366,7 +254,7 @@ class CallerIDReceiverService(service.Service):
                       line=self.line_id, device=self.device_path)
 
     def _schedule_reopen(self) -> None:
-        self._reopen = self._reactor.callLater(self._delay_s, self._open)
+        self._reopen = self.timers.start(self._delay_s, self._open)
         self._delay_s = min(self._delay_s * 2, REOPEN_MAX_DELAY_S)
 
     def _lost(self, reason: Failure) -> None:

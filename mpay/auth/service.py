@@ -76,7 +76,8 @@ def build_as(cfg: Config, timers: Any, settings: Any, reactor: Any,
     for device, number in lines:
         receiver = CallerIDReceiverService(device, core.caller_id, line_id=number, default_region=region,
                                            init_commands=caller_id["init"].split(),
-                                           baudrate=caller_id["baudrate"], reactor=reactor)
+                                           baudrate=caller_id["baudrate"], reactor=reactor,
+                                           timers=timers)
         receiver.setName(f"callerid:{number}")
         receiver.setServiceParent(parent)
 
