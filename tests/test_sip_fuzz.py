@@ -1,7 +1,7 @@
 """Property tests for mpay.sip.message: whatever arrives, only ParseError escapes; whatever
 we build, serialising and parsing give it back.
 
-These call `message._parse`, the parser without its last-resort exception net, so a bug
+These call `parser._parse`, the parser without its last-resort exception net, so a bug
 shows here as the exception it is rather than as a quiet 400.
 """
 
@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from mpay.sip.headers import KNOWN_NAMES, parse_name_addr, parse_via, split_list
+from mpay.sip.parser import _parse
 from mpay.sip.message import (
-    Headers, NameAddr, ParseError, Request, Response, Via, _parse, parse,
+    Headers, NameAddr, ParseError, Request, Response, Via, parse,
 )
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sip_corpus")

@@ -11,6 +11,7 @@ from twisted.internet import defer, utils
 from twisted.trial import unittest
 
 import tap
+from mpay.auth.keyfiles import ensure_keyring
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "sipp", "run_sipp.sh")
@@ -24,9 +25,12 @@ class SIPpInteropTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_sipp_options_and_retransmission_processed_once(self):
+        # A PS alone needs the K_PS file its AS was given (split roles share it).
+        k_ps = os.path.abspath(self.mktemp())
+        ensure_keyring(k_ps)
         options = tap.Options()
         options.parseOptions(["--role", "ps", "--ps-listen", "udp:0:interface=127.0.0.1",
-                              "--metrics-listen", "", "--set", "callerid.simulate=false"])
+                              "--metrics-listen", "", "--set", f"tickets.k_ps_keys={k_ps}"])
         top = tap.makeService(options)
         top.startService()
         self.addCleanup(top.stopService)

@@ -262,3 +262,16 @@ class ClientTransactionTests(unittest.TestCase):
         self.layer.receive_response(self.reply(make_request("REFER", branch="z9hG4bK-x"), 200), PEER)
         self.assertEqual(self.layer.stats["stray_responses"], 1)
         self.assertIsInstance(self.reply(make_request(), 200), Response)
+
+
+class BareCookieBranchTests(unittest.TestCase):
+    """RFC 4475 "badbranch": a branch of only the magic cookie identifies no transaction."""
+
+    def test_bare_cookie_falls_back_to_rfc2543_matching(self):
+        time = ClockWheel(self)
+        wire, tu = Wire(), RecordingTU(answer=200)
+        layer = TransactionLayer(time.wheel, wire, tu)
+        layer.receive_request(make_request("OPTIONS", branch="z9hG4bK", call_id="a@h"), PEER)
+        layer.receive_request(make_request("OPTIONS", branch="z9hG4bK", call_id="b@h"), PEER)
+        layer.receive_request(make_request("OPTIONS", branch="z9hG4bK", call_id="a@h"), PEER)
+        self.assertEqual(len(tu.requests), 2, "two calls are two transactions; the repeat is absorbed")

@@ -60,11 +60,7 @@ def response_destination(request: Request, source: tuple[str, int]) -> tuple[str
         via.params["received"] = host
         if rport is not None:
             via.params["rport"] = str(port)
-        values = request.headers.getall("Via")
-        values[0] = via.to_str()
-        request.headers.set("Via", values[0])
-        for value in values[1:]:
-            request.headers.add("Via", value)
+        request.set_top_via(via)
         if rport is not None:
             return (host, port)
     return (host, via.port or DEFAULT_SIP_PORT)

@@ -32,7 +32,7 @@ import secrets
 from typing import Any, Callable, Protocol
 
 from mpay.sip.client_transaction import ClientTransaction
-from mpay.sip.message import MAGIC_COOKIE, Request, Response, make_response
+from mpay.sip.message import Request, Response, make_response
 from mpay.sip.timing import State, TimerSettings
 
 MAX_TRANSACTIONS = 100_000
@@ -53,10 +53,10 @@ def server_key(request: Request) -> tuple:
     """RFC 17.2.3 matching: branch + sent-by + method (ACK matches INVITE)."""
     via = request.top_via
     method = "INVITE" if request.method == "ACK" else request.method
-    branch = via.branch
-    if branch and branch.startswith(MAGIC_COOKIE):
+    branch = via.rfc3261_branch
+    if branch is not None:
         return (branch, via.host, via.port, method)
-    # RFC 2543 peers: no usable branch, match on the dialog-ish identifiers.
+    # RFC 2543 peers (or a bare cookie, RFC 4475 "badbranch"): match on dialog-ish identifiers.
     return ("2543", request.call_id, request.cseq[0], via.host, via.port, method)
 
 
