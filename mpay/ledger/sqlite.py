@@ -1,0 +1,115 @@
+"""The embedded ledger: SQLite from the standard library.
+
+WAL journal with ``synchronous=FULL``: a COMMIT returns only once the
+transaction is on disk, so what the writer acknowledges survives a crash or
+power loss; WAL lets readers run beside the one writer.  Write transactions
+start with ``BEGIN IMMEDIATE`` so a second writer (the admin CLI beside the
+server) waits for the lock up to ``BUSY_TIMEOUT_S`` instead of failing half
+way through.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from typing import Callable, Sequence
+
+from mpay.ledger.api import LedgerError
+from mpay.ledger.migrate import migrate as _migrate
+from mpay.ledger.store import _INSERT_JOURNAL, SQLStore
+
+BUSY_TIMEOUT_S = 5.0
+"""How long a writer waits for another process's write lock before a retry."""
+
+MIN_SQLITE_VERSION = (3, 37, 0)
+"""STRICT tables (3.37) and RETURNING (3.35) are used."""
+
+_STATEMENT_CACHE = 256
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_READ_BACK = "SELECT balance, held FROM accounts WHERE number = ?"
+
+
+class SQLiteStore(SQLStore):
+    """The ledger in one SQLite file; see ``SQLStore`` for the rules."""
+
+    dialect = "sqlite"
+
+    def __init__(self, connection: sqlite3.Connection, clock: Callable[[], float] = time.time):
+        super().__init__(connection, clock)
+        self._x = connection.execute  # type: ignore[method-assign]  # the hot path, unwrapped
+
+    @classmethod
+    def open(cls, path: str, *, migrate: bool = True,
+             clock: Callable[[], float] = time.time) -> SQLiteStore:
+        """Open (creating if need be) the ledger at *path*, migrated to the newest schema."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            raise LedgerError(f"SQLite {sqlite3.sqlite_version} is too old; the ledger needs "
+                              f"{'.'.join(map(str, MIN_SQLITE_VERSION))} or newer")
+        fresh = not os.path.exists(path)
+        if fresh and migrate:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        try:
+            # Autocommit mode: the store issues BEGIN/COMMIT itself.  A connection
+            # may be closed from another thread at shutdown, hence no thread check.
+            connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                         check_same_thread=False,
+                                         cached_statements=_STATEMENT_CACHE)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the SQLite ledger {path}: {exc}") from exc
+        try:
+            if fresh:
+                os.chmod(path, 0o600)  # it holds the devices' (encrypted) enrolment keys
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise LedgerError(f"{path}: SQLite refused WAL mode (got {mode})")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            store = cls(connection, clock)
+            if migrate:
+                _migrate(store)
+        except BaseException:
+            connection.close()
+            raise
+        return store
+
+    def _begin_batch(self, ops: Sequence) -> None:
+        # IMMEDIATE: take the write lock now, not at the first write (no upgrade deadlock).
+        self._control("BEGIN IMMEDIATE", "SAVEPOINT op")
+
+    def _begin_migration(self) -> None:
+        self._x("BEGIN IMMEDIATE")
+
+    def _begin_snapshot(self) -> None:
+        # A deferred transaction: its first read fixes the WAL snapshot.
+        self._x("BEGIN")
+
+    def _run_script(self, sql: str) -> None:
+        """Run a migration file statement by statement, inside the caller's transaction.
+
+        (``executescript`` would COMMIT first.)
+        """
+        pending = ""
+        for line in sql.splitlines(keepends=True):
+            pending += line
+            if sqlite3.complete_statement(pending):
+                self._x(pending)
+                pending = ""
+        if pending.strip() and not all(
+                part.strip().startswith("--") or not part.strip() for part in pending.splitlines()):
+            raise LedgerError(f"incomplete SQL statement at the end of a migration: {pending!r}")
+
+    def _is_retryable(self, exc: BaseException) -> bool:
+        code = getattr(exc, "sqlite_errorcode", None)
+        return isinstance(exc, sqlite3.OperationalError) and code is not None \
+            and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+    def _update_account(self, sql: str, params: Sequence, number: str) -> tuple[int, int] | None:
+        # Bare UPDATE + read back: cheaper than SQLite's RETURNING on the hot path.
+        if self._x(sql, params).rowcount != 1:
+            return None
+        return self._x(_READ_BACK, (number,)).fetchone()
+
+    def _insert_journal(self, params: Sequence) -> int | None:
+        cursor = self._x(_INSERT_JOURNAL, params)
+        return cursor.lastrowid if cursor.rowcount == 1 else None
