@@ -2,6 +2,7 @@
 
     mpay (MultiService)
     |-- timewheel         every server timer; started first, stopped last
+    |-- ledger            group-commit writer thread + readers (mpay/ledger)
     |-- as                caller-ID receivers + UDP listener -> AuthenticationServer
     |                     (mpay/auth/service.py)
     |-- ps                [redis pool] + UDP listener -> PaymentServer (mpay/payment/service.py)
@@ -19,6 +20,7 @@ from mpay import config as mpay_config
 from mpay.auth.crypto import CryptoError
 from mpay.auth.service import build_as
 from mpay.e164 import InvalidNumber
+from mpay.ledger import LedgerError, LedgerService, store_opener
 from mpay.ops.manhole import ManholeConfigError, manhole_service
 from mpay.ops.metrics import metrics_service
 from mpay.payment.service import build_ps
@@ -101,13 +103,20 @@ def makeService(options: Options, reactor=None) -> MpayService:
         from twisted.internet import reactor
     sip = cfg["sip"]
     settings = TimerSettings(sip["t1_ms"] / 1000.0, sip["t2_ms"] / 1000.0, sip["t4_ms"] / 1000.0)
+    # Before the servers, so it stops after them: no request finds the ledger gone.
+    try:
+        ledger = LedgerService(store_opener(cfg["ledger"]), reactor)
+    except LedgerError as exc:
+        raise usage.UsageError(str(exc)) from exc
+    ledger.setServiceParent(top)
+    top.ledger = ledger
     role = cfg["server"]["role"]
     builders = {"as": build_as, "ps": build_ps}
     for name, build in builders.items():
         if role not in (name, "all"):
             continue
         try:
-            parent, endpoint = build(cfg, timers, settings, reactor)
+            parent, endpoint = build(cfg, timers, settings, reactor, ledger)
         except (CryptoError, InvalidNumber, OSError) as exc:
             raise usage.UsageError(f"cannot start the {name.upper()}: {exc}") from exc
         parent.setServiceParent(top)
@@ -120,7 +129,7 @@ def makeService(options: Options, reactor=None) -> MpayService:
     manhole = cfg["manhole"]
     if manhole["listen"]:
         namespace = {"mpay": top, "config": cfg, "wheel": wheel, "endpoints": top.endpoints,
-                     "cores": top.cores}
+                     "cores": top.cores, "ledger": ledger}
         try:
             manhole_service(manhole["listen"], manhole["host_key"], manhole["authorized_keys"],
                             manhole["passwords"], namespace, reactor).setServiceParent(top)

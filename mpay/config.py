@@ -51,6 +51,12 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _currency(value: str) -> str:
+    if not re.fullmatch(r"[A-Z]{3}", value):
+        raise ValueError("must be an ISO 4217 code such as TWD")
+    return value
+
+
 def _region(value: str) -> str:
     if not re.fullmatch(r"[A-Z]{2}", value):
         raise ValueError("must be an ISO 3166 alpha-2 region such as TW")
@@ -118,7 +124,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timer_d_s": Key("60", _positive_float),
         "timer_f_s": Key("32", _positive_float),
     },
-    "ps": {"listen": Key("udp:5060:interface=127.0.0.1", _listen)},
+    "ps": {
+        "listen": Key("udp:5060:interface=127.0.0.1", _listen),
+        "signing_key": Key("var/ps_signing_key.pem", _text),
+        "transfer_timer_a_s": Key("8", _positive_float),
+    },
+    "ledger": {
+        "backend": Key("sqlite", _backend("sqlite", "postgres")),
+        "sqlite_path": Key("var/ledger.sqlite3", _text),
+        "postgres_dsn": Key("", _text),
+        "postgres_schema": Key("public", _text),
+        "currency": Key("TWD", _currency),
+    },
     "tickets": {
         "k_ps_keys": Key("var/k_ps.keys", _text),
         "ps_id": Key("ps.mpay.test", _text),

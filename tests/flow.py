@@ -22,14 +22,17 @@ class Recorder:
 
     def __init__(self, endpoint: SIPEndpoint):
         self.seen: list[tuple[str, object]] = []
+        self.raw: list[tuple[str, bytes]] = []
         write, receive = endpoint.write, endpoint.datagram_received
 
         def recording_write(data, addr):
             self.seen.append((">", self._label(data)))
+            self.raw.append((">", data))
             write(data, addr)
 
         def recording_receive(data, addr):
             self.seen.append(("<", self._label(data)))
+            self.raw.append(("<", data))
             receive(data, addr)
 
         endpoint.write = recording_write
@@ -61,7 +64,9 @@ class MpayFixture:
                 "--metrics-listen", ""]
         for setting in (f"as.signing_key={self.dir}/as.pem", f"as.master_keys={self.dir}/master.keys",
                         f"tickets.k_ps_keys={self.dir}/k_ps.keys",
-                        f"callerid.sim_control={self.dir}/modem.sock") + settings:
+                        f"callerid.sim_control={self.dir}/modem.sock",
+                        f"ps.signing_key={self.dir}/ps.pem",
+                        f"ledger.sqlite_path={self.dir}/ledger.sqlite3") + settings:
             args += ["--set", setting]
         options = tap.Options()
         options.parseOptions(args)
@@ -89,10 +94,12 @@ class MpayFixture:
     def device(self, number: str, *, ring=None, pinned_as_key=None) -> tuple[Device, Recorder]:
         state = DeviceState.new(number)
         pinned = pinned_as_key or load_public_key(os.path.join(self.dir, "as.pub"))
+        ps_key = load_public_key(os.path.join(self.dir, "ps.pub"))
         device = Device(state, domain=self.config["server"]["domain"], as_addr=self.address("as"),
                         ps_addr=self.address("ps"), as_identity=self.config["as"]["identity"],
                         pinned_as_key=pinned, ring=ring or self.ring, clock=reactor.seconds,
-                        reactor=reactor, state_path=os.path.join(self.dir, f"{number}.json"))
+                        reactor=reactor, state_path=os.path.join(self.dir, f"{number}.json"),
+                        pinned_ps_key=ps_key)
         endpoint = SIPEndpoint("dmd", device, self.top.timers)
         device.endpoint = endpoint
         listener = UDPListenerService("udp:0:interface=127.0.0.1", endpoint, reactor=reactor)

@@ -33,3 +33,24 @@ class MemoryDeviceKeyStore:
 
     def load(self, number: str) -> defer.Deferred:
         return defer.succeed(self.records.get(number))
+
+
+class LedgerDeviceKeyStore:
+    """The ledger's device_keys table: K survives restarts and every AS/PS process sees it.
+
+    An enrolled number is an account: storing its key opens it (balance 0)
+    first, so a payment to a number that has just enrolled finds it.
+    """
+
+    def __init__(self, ledger) -> None:
+        self.ledger = ledger
+
+    @defer.inlineCallbacks
+    def store(self, record: DeviceRecord):
+        yield self.ledger.open_account(record.number)
+        yield self.ledger.store_device_key(record.number, record.sealed_k, record.device_key)
+
+    @defer.inlineCallbacks
+    def load(self, number: str):
+        key = yield self.ledger.device_key(number)
+        return None if key is None else DeviceRecord(key.number, key.encrypted_k, key.ed25519_pub)

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from mpay import e164
 from mpay.auth.callerid import CallerIDReceiverService
 from mpay.auth.enrolment import EnrolmentTimers
-from mpay.auth.devicekeys import DeviceKeyStore, MemoryDeviceKeyStore
+from mpay.auth.devicekeys import LedgerDeviceKeyStore
 from mpay.auth.keyfiles import ensure_keyring, ensure_signing_key
 from mpay.auth.server import AuthenticationServer, ReceiverLine
 from mpay.auth.verifier import ReplayCache, TicketVerifier
@@ -42,7 +42,7 @@ def k_ps_ring(cfg: Config) -> Any:
 
 
 def build_as(cfg: Config, timers: Any, settings: Any, reactor: Any,
-             device_keys: DeviceKeyStore | None = None) -> tuple[service.MultiService, SIPEndpoint]:
+             ledger: Any) -> tuple[service.MultiService, SIPEndpoint]:
     region = cfg["server"]["default_region"]
     caller_id = cfg["callerid"]
     parent = service.MultiService()
@@ -67,7 +67,7 @@ def build_as(cfg: Config, timers: Any, settings: Any, reactor: Any,
         domain=cfg["server"]["domain"], identity=cfg["as"]["identity"],
         signing_key=ensure_signing_key(cfg["as"]["signing_key"]), k_ps=k_ps,
         ps_id=tickets["ps_id"], master=ensure_keyring(cfg["as"]["master_keys"]),
-        device_keys=device_keys or MemoryDeviceKeyStore(),
+        device_keys=LedgerDeviceKeyStore(ledger),
         lines=[ReceiverLine(number, number) for _, number in lines], wheel=timers,
         clock=reactor.seconds, verifier=ticket_verifier(cfg, k_ps),
         ticket_lifetime_s=tickets["lifetime_s"],

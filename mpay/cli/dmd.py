@@ -3,6 +3,8 @@
     mpay-dmd enroll +886912345678      # caller-ID enrolment (the simulated modem rings)
     mpay-dmd ticket +886912345678      # get or renew a ticket
     mpay-dmd register +886912345678    # tell the PS where this device is
+    mpay-dmd transfer +886912345678 +886987654321 500 [--conceal]
+    mpay-dmd listen +886987654321      # stay registered and print incoming notices
 
 It reads the servers' INI file (``--config``, default etc/mpay.ini when
 present) for the domain, the listeners, the AS's identity and its pinned
@@ -37,6 +39,11 @@ def _address(description: str) -> tuple[str, int]:
     return (interface if interface not in ("", "0.0.0.0") else "127.0.0.1", port)
 
 
+def _public_path(private_path: str) -> str:
+    """Where the servers write the public half of a key they create (PATH.pem -> PATH.pub)."""
+    return (private_path[:-4] if private_path.endswith(".pem") else private_path) + ".pub"
+
+
 def _host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return (host or "127.0.0.1", int(port))
@@ -48,16 +55,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--as", dest="as_addr", type=_host_port, help="AS address HOST:PORT")
     parser.add_argument("--ps", dest="ps_addr", type=_host_port, help="PS address HOST:PORT")
     parser.add_argument("--as-key", help="the AS's pinned Ed25519 public key file")
+    parser.add_argument("--ps-key", help="the PS's pinned Ed25519 public key file (receipts)")
     parser.add_argument("--state", help=f"device state file (default {STATE_DIR}/NUMBER.json)")
     parser.add_argument("--bind", default="127.0.0.1", help="local address to send from")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("enroll", "prove the number by caller ID and agree K with the AS"),
                        ("ticket", "get (or renew) a ticket for the PS"),
-                       ("register", "register this device's location at the PS")):
+                       ("register", "register this device's location at the PS"),
+                       ("transfer", "pay another number (amount in minor units)"),
+                       ("listen", "stay registered and print incoming credit notices")):
         command = commands.add_parser(name, help=text)
         command.add_argument("number", help="the device's telephone number")
         if name == "register":
             command.add_argument("--expires", type=int, default=3600, help="seconds; 0 unregisters")
+        if name == "transfer":
+            command.add_argument("payee", help="the payee's telephone number")
+            command.add_argument("amount", type=int, help="minor units, e.g. 500 = 5.00 TWD")
+            command.add_argument("--conceal", action="store_true",
+                                 help="the payee is not shown who paid (RFC 3323 anonymous)")
+        if name == "listen":
+            command.add_argument("--seconds", type=float, default=60.0, help="how long to listen")
     return parser.parse_args(argv)
 
 
@@ -75,7 +92,8 @@ def run(reactor, args: argparse.Namespace):
         raise DeviceError(f"{state_path}: no such device; run `mpay-dmd enroll {number}` first")
     os.makedirs(os.path.dirname(state_path) or ".", exist_ok=True)
     signing_key = cfg["as"]["signing_key"]
-    as_key = args.as_key or (signing_key[:-4] if signing_key.endswith(".pem") else signing_key) + ".pub"
+    as_key = args.as_key or _public_path(signing_key)
+    ps_key = args.ps_key or _public_path(cfg["ps"]["signing_key"])
 
     def ring(number: str, line: str) -> defer.Deferred:
         from mpay.sim.modem import ring_via_control
@@ -89,7 +107,8 @@ def run(reactor, args: argparse.Namespace):
                     as_addr=args.as_addr or _address(cfg["as"]["listen"]),
                     ps_addr=args.ps_addr or _address(cfg["ps"]["listen"]),
                     as_identity=cfg["as"]["identity"], pinned_as_key=load_public_key(as_key),
-                    ring=ring, clock=reactor.seconds, reactor=reactor, state_path=state_path)
+                    ring=ring, clock=reactor.seconds, reactor=reactor, state_path=state_path,
+                    pinned_ps_key=load_public_key(ps_key) if os.path.exists(ps_key) else None)
     device.endpoint = SIPEndpoint("dmd", device, timers)
     listener = UDPListenerService(f"udp:0:interface={args.bind}", device.endpoint, reactor=reactor)
     timers.startService()
@@ -103,10 +122,27 @@ def run(reactor, args: argparse.Namespace):
             yield device.get_ticket()
             until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.ticket_expires))
             print(f"ticket for {number}, valid until {until}")
-        else:
+        elif args.command == "register":
             response = yield device.register(args.expires)
             print(f"registered {number} at the PS: {response.status} {response.reason}, "
                   f"expires {response.headers.get('Expires')} s")
+        elif args.command == "transfer":
+            payee = e164.normalise(args.payee, cfg["server"]["default_region"])
+            response, receipt = yield device.transfer(payee, args.amount, args.conceal)
+            print(f"{response.status} {response.reason}")
+            if receipt is not None:
+                print(f"receipt (signature verified): journal #{receipt.journal_id}, "
+                      f"{receipt.amount} {receipt.currency} from {receipt.payer} to {receipt.payee}")
+            print(f"balance: {response.body.decode()}")
+        else:
+            device.on_notice = lambda notice: print(
+                f"received {notice['amount']} {notice['currency']} from {notice['from']} "
+                f"(journal #{notice['journal_id']}, receipt verified)", flush=True)
+            yield device.register()
+            print(f"listening for {args.seconds:.0f} s as {number} ...", flush=True)
+            yield task.deferLater(reactor, args.seconds, lambda: None)
+            yield device.register(0)
+            print(f"{len(device.notices)} notice(s)")
     finally:
         yield listener.stopService()
         timers.stopService()

@@ -50,6 +50,8 @@ class Registrar:
         self.verifier = verifier
         self.locations = locations
         self.clock = clock
+        # Called with (number, binding) after each successful binding: queued notices wait on it.
+        self.on_registered: list[Callable[[str, Binding], None]] = []
 
     def authenticate(self, txn: ServerTransaction, request: Request) -> Any:
         """Verified identity of a PS request, or None after answering 401/403."""
@@ -105,6 +107,8 @@ class Registrar:
                                            ("Expires", str(expires))])
             self.log.debug("ps: {number} at {host}:{port} for {expires} s", number=number,
                            host=host, port=port, expires=expires)
+            for hook in self.on_registered:
+                hook(number, binding)
 
         done.addCallback(bound)
         self._on_failure(done, txn)

@@ -2,7 +2,9 @@
 
     ps (MultiService)
     |-- redis              only with [location] backend = redis: the connection pool
-    `-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer
+    `-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer (registrar, transfer)
+
+The ledger service is the tree's, shared with the AS (device keys).
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from typing import Any
 
 from twisted.application import service
 
+from mpay.auth.devicekeys import LedgerDeviceKeyStore
+from mpay.auth.keyfiles import ensure_signing_key
 from mpay.auth.service import k_ps_ring, ticket_verifier
 from mpay.config import Config
+from mpay.payment.notices import NoticeQueue
 from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
+from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.transport import UDPListenerService
 from mpay.stores.location import MemoryLocationStore, RedisLocationStore, connect_redis
@@ -31,7 +37,8 @@ class RedisService(service.Service):
         return self.pool.disconnect()
 
 
-def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any) -> tuple[service.MultiService, SIPEndpoint]:
+def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
+             ledger: Any) -> tuple[service.MultiService, SIPEndpoint]:
     parent = service.MultiService()
     parent.setName("ps")
     location = cfg["location"]
@@ -43,9 +50,16 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any) -> tuple[ser
     else:
         locations = MemoryLocationStore(timers)
     registrar = Registrar(ticket_verifier(cfg, k_ps_ring(cfg)), locations, reactor.seconds)
-    core = PaymentServer(registrar)
+    transfer = CreditTransfer(
+        authenticate=registrar.authenticate, ledger=ledger, device_keys=LedgerDeviceKeyStore(ledger),
+        locations=locations, notices=NoticeQueue(), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
+        currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
+        default_region=cfg["server"]["default_region"], timers=timers,
+        timer_a_s=cfg["ps"]["transfer_timer_a_s"])
+    core = PaymentServer(registrar, transfer)
     sip = cfg["sip"]
     endpoint = SIPEndpoint("ps", core, timers, settings, sip["max_transactions"])
+    transfer.endpoint = endpoint
     listener = UDPListenerService(cfg["ps"]["listen"], endpoint, reactor=reactor,
                                   rcvbuf_bytes=sip["udp_rcvbuf_bytes"])
     listener.setName("ps-sip")

@@ -27,6 +27,8 @@ from mpay.auth.tickets import (
     AUTHENTICATOR_HEADER, NONCE_BYTES, SESSION_HEADER, TICKET_HEADER, TICKET_REQUEST_PURPOSE,
     make_authenticator, open_session_part,
 )
+from mpay.payment import receipt as receipts
+from mpay.payment.transfer import NOTICE_CONTENT_TYPE, TRANSFER_CONTENT_TYPE
 from mpay.sip.message import Request, Response
 from mpay.sip.useragent import build_request, new_call_id
 
@@ -77,7 +79,7 @@ class Device:
     def __init__(self, state: DeviceState, *, domain: str, as_addr: tuple[str, int],
                  ps_addr: tuple[str, int], as_identity: str, pinned_as_key: Any,
                  ring: Callable[[str, str], defer.Deferred], clock: Callable[[], float],
-                 reactor: Any = None, state_path: str | None = None):
+                 reactor: Any = None, state_path: str | None = None, pinned_ps_key: Any = None):
         self.state = state
         self.domain = domain
         self.as_addr = as_addr
@@ -88,8 +90,11 @@ class Device:
         self.clock = clock
         self.reactor = reactor
         self.state_path = state_path
+        self.pinned_ps_key = pinned_ps_key
         self.endpoint: Any = None
-        self.handlers = {"REFER": self._on_refer}
+        self.handlers = {"REFER": self._on_refer, "MESSAGE": self._on_notice}
+        self.notices: list[dict] = []          # credit notices received, newest last
+        self.on_notice: Callable[[dict], None] | None = None
         self._refer: defer.Deferred | None = None
         self._cseq = 0
 
@@ -229,3 +234,46 @@ class Device:
         response = yield self.endpoint.send_request(self.authenticate(request), self.ps_addr)
         self._expect(response, 200, "REGISTER to the PS")
         return response
+
+    # -- payments ------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def transfer(self, payee: str, amount: int, conceal: bool = False):
+        """Pay *payee*: (response, verified receipt).  202 means the money moved, payee offline."""
+        fields: dict[str, Any] = {"amount": amount}
+        if conceal:
+            fields["conceal"] = True
+        request = self._request("MESSAGE", e164.sip_uri(payee, self.domain),
+                                to_uri=e164.sip_uri(payee, self.domain),
+                                body=json.dumps(fields).encode(), content_type=TRANSFER_CONTENT_TYPE)
+        request.headers.add(receipts.SIGNATURE_HEADER,
+                            receipts.sign_request(self.state.private_key(), wire.digest_of(request)))
+        response = yield self.endpoint.send_request(self.authenticate(request), self.ps_addr)
+        if response.status not in (200, 202):
+            raise DeviceError(f"transfer: {response.status} {response.reason}")
+        receipt = None
+        if self.pinned_ps_key is not None:
+            receipt = receipts.verify_receipt(self.pinned_ps_key,
+                                              response.headers.get(receipts.RECEIPT_HEADER))
+            if (receipt.payee, receipt.amount) != (payee, amount):
+                raise DeviceError(f"receipt is for {receipt.amount} to {receipt.payee}")
+        return response, receipt
+
+    def _on_notice(self, txn: Any, request: Request) -> None:
+        """A credit notice from the PS: checked, kept, confirmed with 200."""
+        if (request.headers.get("Content-Type") or "").split(";")[0] != NOTICE_CONTENT_TYPE:
+            txn.respond_with(415, headers=[("Accept", NOTICE_CONTENT_TYPE)])
+            return
+        try:
+            notice = json.loads(request.body)
+            if self.pinned_ps_key is not None:
+                receipts.verify_receipt(self.pinned_ps_key, notice["receipt"])
+        except (ValueError, KeyError, TypeError, receipts.ReceiptError):
+            txn.respond_with(400, "Bad Notice")
+            return
+        notice["from_header"] = request.from_addr.uri
+        self.notices.append(notice)
+        if self.on_notice is not None:
+            self.on_notice(notice)
+        self.log.info("dmd {number}: received {amount} from {payer}", number=self.state.number,
+                      amount=notice["amount"], payer=notice["from"])
+        txn.respond_with(200)

@@ -1,0 +1,86 @@
+"""Non-repudiation (DESIGN section 6): the payer signs the request, the PS signs a receipt.
+
+The payer's DMD signs the request digest (method, Request-URI, Call-ID, CSeq,
+body) with its enrolled Ed25519 key; the PS verifies it against the key the
+AS stored at enrolment and keeps the signature in the journal row.  The PS
+answers with a receipt signed by its own Ed25519 key, which the DMD pins.
+Either party can later show what was asked and what was done.
+
+Wire form of both header fields: ``ed25519 <base64url signature>`` for
+``Mpay-Signature``; ``v1 <base64url receipt>; sig=<base64url signature>`` for
+``Mpay-Receipt``, the receipt being compact JSON with sorted keys.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+from mpay.auth.crypto import (
+    BadSignature, CryptoError, DecodeError, decode_b64, encode_b64, public_key_from_raw, sign,
+    verify_signature,
+)
+
+SIGNATURE_HEADER = "Mpay-Signature"
+RECEIPT_HEADER = "Mpay-Receipt"
+REQUEST_SIGNATURE_PURPOSE = b"mpay-payment-request-v1"
+RECEIPT_PURPOSE = b"mpay-receipt-v1"
+MAX_RECEIPT_CHARS = 2048
+
+
+class ReceiptError(ValueError):
+    """A signature or receipt that does not verify or does not parse."""
+
+
+class Receipt(NamedTuple):
+    journal_id: int
+    payer: str            # "anonymous" when the receipt goes to a payee who must not learn it
+    payee: str
+    amount: int           # minor units
+    currency: str
+    created: float        # Unix seconds of the commit
+    digest: str           # base64url of the request digest it answers
+
+    def encode(self) -> bytes:
+        return json.dumps(self._asdict(), sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_request(private_key: Any, digest: bytes) -> str:
+    return "ed25519 " + encode_b64(sign(private_key, REQUEST_SIGNATURE_PURPOSE, digest))
+
+
+def request_signature(value: str | None) -> bytes:
+    """The raw signature from the header field, or ReceiptError."""
+    word, _, encoded = (value or "").strip().partition(" ")
+    if word.lower() != "ed25519":
+        raise ReceiptError("Missing Payer Signature" if not value else "Bad Payer Signature")
+    try:
+        return decode_b64(encoded.strip(), 128)
+    except DecodeError:
+        raise ReceiptError("Bad Payer Signature") from None
+
+
+def verify_request(device_key: bytes, digest: bytes, signature: bytes) -> None:
+    try:
+        verify_signature(public_key_from_raw(device_key), REQUEST_SIGNATURE_PURPOSE, digest, signature)
+    except (BadSignature, CryptoError, ValueError):
+        raise ReceiptError("Payer Signature Invalid") from None
+
+
+def sign_receipt(ps_key: Any, receipt: Receipt) -> str:
+    body = receipt.encode()
+    return f"v1 {encode_b64(body)}; sig={encode_b64(sign(ps_key, RECEIPT_PURPOSE, body))}"
+
+
+def verify_receipt(ps_public: Any, value: str | None) -> Receipt:
+    """The receipt in a header field, after checking the PS's signature."""
+    try:
+        version, _, rest = (value or "").strip().partition(" ")
+        encoded, _, signature = rest.partition("; sig=")
+        if version != "v1" or not signature:
+            raise ReceiptError("not a v1 receipt")
+        body = decode_b64(encoded.strip(), MAX_RECEIPT_CHARS)
+        verify_signature(ps_public, RECEIPT_PURPOSE, body, decode_b64(signature.strip(), 128))
+        return Receipt(**json.loads(body))
+    except (CryptoError, ValueError, TypeError) as exc:
+        raise ReceiptError(f"receipt does not verify: {exc}") from None

@@ -1,0 +1,167 @@
+"""Credit transfer over real UDP, one test per outcome (issue 5, DESIGN section 6)."""
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mpay.auth.tickets import AUTHENTICATOR_HEADER, TICKET_HEADER
+from mpay.payment.receipt import SIGNATURE_HEADER
+from mpay.payment.transfer import ANONYMOUS, ANONYMOUS_URI
+from mpay.sim.device import DeviceError
+
+from tests.flow import MpayFixture
+
+PAYER = "+886912345678"
+PAYEE = "+886987654321"
+STRANGER = "+886911222333"      # a valid number that never enrolled
+TOP_UP = 1_000
+
+
+class TransferTests(unittest.TestCase):
+    settings: tuple = ("ps.transfer_timer_a_s=1",)
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.mpay = MpayFixture(self, *self.settings)
+        yield self.mpay.start()
+        self.ledger = self.mpay.top.ledger
+        self.payer, self.payer_wire = yield self.ready(PAYER)
+        self.payee, self.payee_wire = yield self.ready(PAYEE)
+        yield self.ledger.cash_in(PAYER, TOP_UP, f"topup-{PAYER}")
+
+    @defer.inlineCallbacks
+    def ready(self, number):
+        device, recorder = self.mpay.device(number)
+        yield device.enroll()
+        yield device.get_ticket()
+        yield device.register()
+        return device, recorder
+
+    @defer.inlineCallbacks
+    def balances(self):
+        payer = yield self.ledger.balance(PAYER)
+        payee = yield self.ledger.balance(PAYEE)
+        return payer.balance, payee.balance
+
+    @defer.inlineCallbacks
+    def refused(self, attempt, expected):
+        try:
+            yield attempt
+        except DeviceError as exc:
+            self.assertIn(expected, str(exc))
+        else:
+            self.fail(f"expected {expected}")
+        self.assertEqual((yield self.balances()), (TOP_UP, 0), "no money moved")
+
+    @defer.inlineCallbacks
+    def eventually(self, predicate):
+        for _ in range(100):
+            if predicate():
+                return
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail("condition never held")
+
+    @defer.inlineCallbacks
+    def test_credit_transfer_confirmed_gets_200_with_signed_receipt(self):
+        response, receipt = yield self.payer.transfer(PAYEE, 300)
+        self.assertEqual((response.status, response.reason), (200, "OK"))
+        self.assertEqual((receipt.payer, receipt.payee, receipt.amount, receipt.currency),
+                         (PAYER, PAYEE, 300, "TWD"))
+        self.assertEqual((yield self.balances()), (700, 300))
+        (notice,) = self.payee.notices
+        self.assertEqual((notice["from"], notice["amount"]), (PAYER, 300))
+        (entry,) = [e for e in (yield self.ledger.statement(PAYER)) if e.kind == "transfer"]
+        self.assertEqual(entry.id, receipt.journal_id)
+        self.assertEqual(len(entry.payer_signature), 64, "the payer's signature is kept")
+        audit = yield self.ledger.audit()
+        self.assertTrue(audit.ok, audit)
+
+    def test_credit_transfer_unknown_payee_gets_404(self):
+        return self.refused(self.payer.transfer(STRANGER, 100), "404 Unknown Payee")
+
+    def test_credit_transfer_short_balance_gets_402(self):
+        return self.refused(self.payer.transfer(PAYEE, TOP_UP + 1), "402 Insufficient Credit")
+
+    @defer.inlineCallbacks
+    def test_credit_transfer_payee_offline_gets_202_then_notice_on_register(self):
+        yield self.payee.register(expires_s=0)
+        response, receipt = yield self.payer.transfer(PAYEE, 250)
+        self.assertEqual((response.status, response.reason), (202, "Payee Offline, Notice Queued"))
+        self.assertEqual(receipt.amount, 250, "the money moved: the receipt says so")
+        self.assertEqual((yield self.balances()), (750, 250))
+        self.assertEqual(self.payee.notices, [])
+        yield self.payee.register()
+        yield self.eventually(lambda: len(self.payee.notices) == 1)
+        self.assertEqual(self.payee.notices[0]["amount"], 250)
+
+    @defer.inlineCallbacks
+    def test_credit_transfer_payee_silent_until_timer_a_gets_202(self):
+        self.payee.handlers["MESSAGE"] = lambda txn, request: None   # online, never confirms
+        response, _ = yield self.payer.transfer(PAYEE, 100)
+        self.assertEqual(response.status, 202)
+        self.assertEqual((yield self.balances()), (900, 100))
+
+    @defer.inlineCallbacks
+    def test_concealed_payer_is_never_shown_to_the_payee(self):
+        response, receipt = yield self.payer.transfer(PAYEE, 120, conceal=True)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(receipt.payer, PAYER, "the payer's own receipt names the payer")
+        (notice,) = self.payee.notices
+        self.assertEqual(notice["from"], ANONYMOUS)
+        self.assertEqual(notice["from_header"], ANONYMOUS_URI)
+        received = [data for direction, data in self.payee_wire.raw if direction == "<"]
+        self.assertTrue(received)
+        for data in received:
+            self.assertNotIn(PAYER[1:].encode(), data, "the payer's number crossed to the payee")
+
+    @defer.inlineCallbacks
+    def test_retransmitted_request_debits_once(self):
+        write = self.payer.endpoint.write
+
+        def three_times(data, addr):
+            for _ in range(3):
+                write(data, addr)
+
+        self.payer.endpoint.write = three_times
+        response, receipt = yield self.payer.transfer(PAYEE, 200)
+        self.assertEqual(response.status, 200)
+        self.assertEqual((yield self.balances()), (800, 200))
+        self.assertEqual(len(self.payee.notices), 1)
+
+    @defer.inlineCallbacks
+    def test_request_resent_after_its_transaction_ended_replays_the_receipt(self):
+        sent = []
+        original = self.payer.endpoint.send_request
+
+        def keep(req, addr, *args):
+            sent.append(req)
+            return original(req, addr, *args)
+
+        self.payer.endpoint.send_request = keep
+        _, first = yield self.payer.transfer(PAYEE, 50)
+        request = sent[-1]
+        # A new transaction (new branch), the same payer, Call-ID and CSeq: the lost-response case.
+        request.headers.set("Via", request.headers.getall("Via")[0].replace("branch=", "branch=z9hG4bKagain"))
+        for name in (TICKET_HEADER, AUTHENTICATOR_HEADER):
+            request.headers.remove(name)
+        # The DMD re-sends with a fresh authenticator: the old one would rightly be a replay.
+        again = yield original(self.payer.authenticate(request), self.mpay.address("ps"))
+        self.assertEqual(again.status, 200)
+        self.assertEqual((yield self.balances()), (950, 50), "one debit")
+        self.assertEqual(len(self.payee.notices), 1, "the payee is not told twice")
+        self.assertIsNotNone(first)
+
+    @defer.inlineCallbacks
+    def test_bad_signature_gets_403_and_no_movement(self):
+        original = self.payer.authenticate
+
+        def forge(request):
+            request.headers.set(SIGNATURE_HEADER, "ed25519 " + "A" * 86)
+            return original(request)
+
+        self.payer.authenticate = forge
+        yield self.refused(self.payer.transfer(PAYEE, 100), "403 Payer Signature Invalid")
+
+    @defer.inlineCallbacks
+    def test_bad_amounts_get_400(self):
+        for amount in (0, -5, 1.5, "10", True, 10**13):
+            yield self.refused(self.payer.transfer(PAYEE, amount), "400 Invalid Amount")
