@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mpay.auth.crypto import open_device_key
+from mpay.auth.tickets import TICKET_HEADER
 from mpay.auth.keyagreement import EnrolmentAborted
 from mpay.sim.device import DeviceError
 from mpay.stores.location import connect_redis
@@ -192,3 +193,76 @@ class DuplicationAndBadInputTests(unittest.TestCase):
             self.assertIn("404 Number Not Enrolled", str(exc))
         else:
             self.fail("a ticket for nobody")
+
+
+class LateNotifyTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.mpay = MpayFixture(self, "as.timer_d_s=0.5")
+        yield self.mpay.start()
+
+    @defer.inlineCallbacks
+    def test_notify_after_timer_d_is_refused(self):
+        def slow_ring(number, line):
+            # The call and the NOTIFY only after Timer D has closed the window.
+            return task.deferLater(reactor, 1.0, self.mpay.ring, number, line)
+
+        device, _ = self.mpay.device(NUMBER, ring=slow_ring)
+        try:
+            yield device.enroll()
+        except DeviceError as exc:
+            self.assertIn("481", str(exc))
+        else:
+            self.fail("a NOTIFY after Timer D enrolled")
+        self.assertEqual(self.mpay.as_core.outcomes, {"Caller ID Not Seen": 1})
+        self.assertIsNone((yield self.mpay.as_core.device_keys.load(NUMBER)))
+
+
+class RegistrarRefusalTests(unittest.TestCase):
+    """Ticket and authenticator refusals as the PS gives them, over UDP."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.mpay = MpayFixture(self, "tickets.lifetime_s=1")
+        yield self.mpay.start()
+        self.device, _ = self.mpay.device(NUMBER)
+        yield self.device.enroll()
+        yield self.device.get_ticket()
+
+    def register_request(self):
+        host, port = self.device.endpoint.sent_by
+        return self.device._request("REGISTER", "sip:mpay.test", contact=f"sip:{NUMBER}@{host}:{port}",
+                                    headers=[("Expires", "600")])
+
+    @defer.inlineCallbacks
+    def answer(self, request):
+        response = yield self.device.endpoint.send_request(request, self.mpay.address("ps"))
+        return (response.status, response.reason)
+
+    @defer.inlineCallbacks
+    def test_forged_ticket(self):
+        request = self.device.authenticate(self.register_request())
+        ticket = request.headers.get(TICKET_HEADER)
+        request.headers.set(TICKET_HEADER, ticket[:-4] + ("AAAA" if ticket[-4:] != "AAAA" else "BBBB"))
+        self.assertEqual((yield self.answer(request)), (403, "Ticket Forged"))
+
+    @defer.inlineCallbacks
+    def test_authenticator_replayed(self):
+        request = self.device.authenticate(self.register_request())
+        self.assertEqual((yield self.answer(request)), (200, "OK"))
+        request.headers.set("Via", request.headers.getall("Via")[0].replace("branch=", "branch=z9hG4bKreplay"))
+        self.assertEqual((yield self.answer(request)), (403, "Authenticator Replayed"))
+
+    @defer.inlineCallbacks
+    def test_authenticator_moved_onto_another_request(self):
+        request = self.device.authenticate(self.register_request())
+        request.headers.set("Call-ID", "another-call@127.0.0.1")
+        self.assertEqual((yield self.answer(request)), (403, "Request Digest Mismatch"))
+
+    @defer.inlineCallbacks
+    def test_expired_ticket_asks_for_a_new_one(self):
+        yield task.deferLater(reactor, 1.2, lambda: None)     # [tickets] lifetime_s = 1 here
+        request = self.device.authenticate(self.register_request())
+        self.assertEqual((yield self.answer(request)), (401, "Ticket Expired"))
+        yield self.device.get_ticket()
+        self.assertEqual((yield self.device.register()).status, 200)

@@ -92,7 +92,8 @@ class Registrar:
         if expires < LOCATION_MIN_EXPIRES_S:
             txn.respond_with(423, headers=[("Min-Expires", str(LOCATION_MIN_EXPIRES_S))])
             return
-        expires = min(expires, LOCATION_MAX_EXPIRES_S, int(verified.expires - self.clock()))
+        # Never past the ticket (the device must renew it first), never 0 (which means "removed").
+        expires = max(1, min(expires, LOCATION_MAX_EXPIRES_S, int(verified.expires - self.clock())))
         try:
             contact_uri = parse_name_addr(contact).uri
         except (ParseError, ValueError):
@@ -100,7 +101,7 @@ class Registrar:
             return
         host, port = txn.addr
         binding = Binding(number, contact_uri, host, port, "UDP", self.clock() + expires)
-        done = defer.maybeDeferred(self.locations.bind, binding, max(expires, 1))
+        done = defer.maybeDeferred(self.locations.bind, binding, expires)
 
         def bound(_):
             txn.respond_with(200, headers=[("Contact", f"<{contact_uri}>;expires={expires}"),
