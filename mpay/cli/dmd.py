@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         def failed(failure):
             failure.trap(DeviceError, SIPTimeout, e164.InvalidNumber, mpay_config.ConfigError,
                          OSError, defer.TimeoutError, ValueError)
-            print(f"mpay-dmd {args.command}: {failure.getErrorMessage()}", file=sys.stderr)
+            print(f"mpay-dmd: {failure.getErrorMessage()}", file=sys.stderr)
             raise SystemExit(1)
 
         return done.addErrback(failed)
