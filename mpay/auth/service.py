@@ -22,7 +22,7 @@ from mpay.auth.server import AuthenticationServer, ReceiverLine
 from mpay.auth.verifier import ReplayCache, TicketVerifier
 from mpay.config import Config
 from mpay.sip.endpoint import SIPEndpoint
-from mpay.sip.transport import UDPListenerService
+from mpay.sip.transport import sip_listener
 
 log = Logger()
 
@@ -82,11 +82,9 @@ def build_as(cfg: Config, timers: Any, settings: Any, reactor: Any,
         receiver.setServiceParent(parent)
 
     sip = cfg["sip"]
-    endpoint = SIPEndpoint("as", core, timers, settings, sip["max_transactions"])
+    endpoint, listener = sip_listener("as", cfg["as"]["listen"], core, timers, settings,
+                                      sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
     core.endpoint = endpoint
-    listener = UDPListenerService(cfg["as"]["listen"], endpoint, reactor=reactor,
-                                  rcvbuf_bytes=sip["udp_rcvbuf_bytes"])
-    listener.setName("as-sip")
     listener.setServiceParent(parent)
     parent.core, parent.listener = core, listener
     return parent, endpoint

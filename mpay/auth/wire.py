@@ -27,12 +27,7 @@ class BadField(ValueError):
     """A header field that cannot be used; the message is the reason phrase."""
 
 
-def _scheme_value(value: str | None, scheme: str, size: int, header: str) -> bytes:
-    if value is None:
-        raise BadField(f"Missing {header}")
-    word, _, encoded = value.strip().partition(" ")
-    if word.lower() != scheme:
-        raise BadField(f"Bad {header}")
+def _decoded(encoded: str, size: int, header: str) -> bytes:
     try:
         raw = decode_b64(encoded.strip(), _MAX_B64_CHARS)
     except DecodeError:
@@ -40,6 +35,15 @@ def _scheme_value(value: str | None, scheme: str, size: int, header: str) -> byt
     if len(raw) != size:
         raise BadField(f"Bad {header}")
     return raw
+
+
+def _scheme_value(value: str | None, scheme: str, size: int, header: str) -> bytes:
+    if value is None:
+        raise BadField(f"Missing {header}")
+    word, _, encoded = value.strip().partition(" ")
+    if word.lower() != scheme:
+        raise BadField(f"Bad {header}")
+    return _decoded(encoded, size, header)
 
 
 def key_share(raw: bytes) -> str:
@@ -73,13 +77,7 @@ def nonce(raw: bytes) -> str:
 def read_nonce(value: str | None) -> bytes:
     if value is None:
         raise BadField(f"Missing {NONCE_HEADER}")
-    try:
-        raw = decode_b64(value.strip(), _MAX_B64_CHARS)
-    except DecodeError:
-        raise BadField(f"Bad {NONCE_HEADER}") from None
-    if len(raw) != ENROLMENT_NONCE_BYTES:
-        raise BadField(f"Bad {NONCE_HEADER}")
-    return raw
+    return _decoded(value, ENROLMENT_NONCE_BYTES, NONCE_HEADER)
 
 
 def challenge(line_uri: str) -> str:

@@ -22,7 +22,7 @@ from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
 from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
-from mpay.sip.transport import UDPListenerService
+from mpay.sip.transport import sip_listener
 from mpay.stores.location import MemoryLocationStore, RedisLocationStore, connect_redis
 
 
@@ -58,11 +58,9 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         timer_a_s=cfg["ps"]["transfer_timer_a_s"])
     core = PaymentServer(registrar, transfer)
     sip = cfg["sip"]
-    endpoint = SIPEndpoint("ps", core, timers, settings, sip["max_transactions"])
+    endpoint, listener = sip_listener("ps", cfg["ps"]["listen"], core, timers, settings,
+                                      sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
     transfer.endpoint = endpoint
-    listener = UDPListenerService(cfg["ps"]["listen"], endpoint, reactor=reactor,
-                                  rcvbuf_bytes=sip["udp_rcvbuf_bytes"])
-    listener.setName("ps-sip")
     listener.setServiceParent(parent)
     parent.core, parent.listener, parent.locations = core, listener, locations
     return parent, endpoint

@@ -14,6 +14,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.timing import TimerSettings
 
 # A burst of 200 messages was lost with Linux's default buffer on a 2-core machine.
 UDP_RCVBUF_BYTES = 1 << 20
@@ -107,3 +108,12 @@ class UDPListenerService(service.Service):
         if self.listening is not None:
             listening, self.listening = self.listening, None
             return listening.stopListening()
+
+
+def sip_listener(role: str, description: str, core, timers, settings: TimerSettings,
+                 max_transactions: int, rcvbuf_bytes: int, reactor=None) -> tuple[SIPEndpoint, UDPListenerService]:
+    """A server's endpoint and its UDP listener service (named ``<role>-sip``)."""
+    endpoint = SIPEndpoint(role, core, timers, settings, max_transactions)
+    listener = UDPListenerService(description, endpoint, reactor=reactor, rcvbuf_bytes=rcvbuf_bytes)
+    listener.setName(f"{role}-sip")
+    return endpoint, listener
