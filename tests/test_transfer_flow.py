@@ -165,3 +165,25 @@ class TransferTests(unittest.TestCase):
     def test_bad_amounts_get_400(self):
         for amount in (0, -5, 1.5, "10", True, 10**13):
             yield self.refused(self.payer.transfer(PAYEE, amount), "400 Invalid Amount")
+
+    @defer.inlineCallbacks
+    def test_resent_request_with_the_payee_now_offline_gets_202_not_200(self):
+        """After a crash the PS cannot know the payee heard: 200 would claim a confirmation."""
+        sent = []
+        original = self.payer.endpoint.send_request
+
+        def keep(req, addr, *args):
+            sent.append(req)
+            return original(req, addr, *args)
+
+        self.payer.endpoint.send_request = keep
+        _, first = yield self.payer.transfer(PAYEE, 70)
+        yield self.payee.register(expires_s=0)
+        request = sent[-1]
+        request.headers.set("Via", request.headers.getall("Via")[0].replace("branch=", "branch=z9hG4bKlater"))
+        for name in (TICKET_HEADER, AUTHENTICATOR_HEADER):
+            request.headers.remove(name)
+        again = yield original(self.payer.authenticate(request), self.mpay.address("ps"))
+        self.assertEqual((again.status, again.reason), (202, "Payee Offline, Notice Queued"))
+        self.assertIn(f"journal_id\": {first.journal_id}".encode(), again.body)
+        self.assertEqual((yield self.balances()), (930, 70), "one debit")

@@ -13,7 +13,8 @@ The thesis answered 408 when the payee stayed silent; that invites the payer
 to pay again although the money has moved, so the design answers 202 and
 delivers the notice when the payee next registers.  A request re-sent after
 its response was lost (same payer, Call-ID, CSeq) meets the ledger's
-idempotency key and gets the original receipt: never a second debit.
+idempotency key and gets the original receipt, never a second debit; the
+payee is told again (devices drop a journal id they have seen).
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ class TransferState(enum.Enum):
 
 _TRANSITIONS = {
     TransferState.AUTHENTICATED: {TransferState.COMMITTED, TransferState.REFUSED},
-    TransferState.COMMITTED: {TransferState.WAIT_PAYEE, TransferState.QUEUED,
-                              TransferState.CONFIRMED},   # Confirmed at once: a replayed request
+    TransferState.COMMITTED: {TransferState.WAIT_PAYEE, TransferState.QUEUED},
     TransferState.WAIT_PAYEE: {TransferState.CONFIRMED, TransferState.QUEUED},
 }
 
@@ -203,10 +203,10 @@ class CreditTransfer:
         flow.advance(TransferState.COMMITTED)
         receipt = receipts.Receipt(result.journal_id, payer, result.payee, result.amount,
                                    self.currency, result.created or 0.0, encode_b64(digest))
-        if result.outcome is Outcome.DUPLICATE:
-            # The first request's response was lost: the same money, the same receipt.
-            flow.advance(TransferState.CONFIRMED)
-            return self._answer(txn, 200, "OK", receipt, result)
+        # A DUPLICATE is the re-sent request of a lost response (or a crash): the money
+        # moved once, and the same receipt is due.  Whether the payee ever heard of it is
+        # not known here, so it is told again (it drops a journal id it has seen): 200
+        # still means "the payee confirmed", never only "committed".
         status, reason = yield self._notify_payee(flow, receipt, asked.conceal)
         self._answer(txn, status, reason, receipt, result)
 

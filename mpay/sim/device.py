@@ -271,6 +271,9 @@ class Device:
             txn.respond_with(400, "Bad Notice")
             return
         notice["from_header"] = request.from_addr.uri
+        if any(seen["journal_id"] == notice["journal_id"] for seen in self.notices):
+            txn.respond_with(200)      # told again after a re-sent transfer: already known
+            return
         self.notices.append(notice)
         if self.on_notice is not None:
             self.on_notice(notice)
