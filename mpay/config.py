@@ -57,6 +57,13 @@ def _currency(value: str) -> str:
     return value
 
 
+def _otcn_lifetime(value: str) -> int:
+    number = int(value)
+    if not 0 < number <= 86_400:
+        raise ValueError("must be 1..86400 seconds")
+    return number
+
+
 def _region(value: str) -> str:
     if not re.fullmatch(r"[A-Z]{2}", value):
         raise ValueError("must be an ISO 3166 alpha-2 region such as TW")
@@ -152,6 +159,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sim_line": Key("+886223456789", _text),
         "sim_control": Key("var/sim-modem.sock", _text),
     },
+    "otcn": {"lifetime_s": Key("600", _otcn_lifetime)},
     "location": {
         "backend": Key("memory", _backend("memory", "redis")),
         "redis_host": Key("127.0.0.1", _text),

@@ -5,6 +5,7 @@
     mpay-dmd register +886912345678    # tell the PS where this device is
     mpay-dmd transfer +886912345678 +886987654321 500 [--conceal]
     mpay-dmd listen +886987654321      # stay registered and print incoming notices
+    mpay-dmd otcn +886912345678 [--cap 5000]   # a one-time credit number for a merchant
 
 It reads the servers' INI file (``--config``, default etc/mpay.ini when
 present) for the domain, the listeners, the AS's identity and its pinned
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("ticket", "get (or renew) a ticket for the PS"),
                        ("register", "register this device's location at the PS"),
                        ("transfer", "pay another number (amount in minor units)"),
-                       ("listen", "stay registered and print incoming credit notices")):
+                       ("listen", "stay registered and print incoming credit notices"),
+                       ("otcn", "get a one-time credit number to show a merchant")):
         command = commands.add_parser(name, help=text)
         command.add_argument("number", help="the device's telephone number")
         if name == "register":
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             command.add_argument("amount", type=int, help="minor units, e.g. 500 = 5.00 TWD")
             command.add_argument("--conceal", action="store_true",
                                  help="the payee is not shown who paid (RFC 3323 anonymous)")
+        if name == "otcn":
+            command.add_argument("--cap", type=int, help="spending cap in minor units")
         if name == "listen":
             command.add_argument("--seconds", type=float, default=60.0, help="how long to listen")
     return parser.parse_args(argv)
@@ -134,6 +138,11 @@ def run(reactor, args: argparse.Namespace):
                 print(f"receipt (signature verified): journal #{receipt.journal_id}, "
                       f"{receipt.amount} {receipt.currency} from {receipt.payer} to {receipt.payee}")
             print(f"balance: {response.body.decode()}")
+        elif args.command == "otcn":
+            grant = yield device.request_otcn(args.cap)
+            until = time.strftime("%H:%M:%S UTC", time.gmtime(grant["expires_at"]))
+            cap = f", cap {grant['cap']}" if grant["cap"] is not None else ""
+            print(f"OTCN {grant['display']} (single use, until {until}{cap})")
         else:
             device.on_notice = lambda notice: print(
                 f"received {notice['amount']} {notice['currency']} from {notice['from']} "

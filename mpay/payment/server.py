@@ -1,7 +1,8 @@
 """The payment server's SIP core.
 
 Every request but OPTIONS is authenticated by ticket + authenticator; the
-registrar binds devices to their location; MESSAGE carries credit transfers.
+registrar binds devices to their location; MESSAGE carries credit transfers
+and OTCN requests, told apart by Content-Type.
 Charging (RECEIVE) joins here with its issue.
 """
 
@@ -9,19 +10,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpay.payment.otcn_request import OTCN_REQUEST_CONTENT_TYPE, OTCNIssuer
 from mpay.payment.registrar import Registrar
-from mpay.payment.transfer import CreditTransfer
+from mpay.payment.transfer import TRANSFER_CONTENT_TYPE, CreditTransfer
 from mpay.sip.message import Request
+from mpay.sip.transaction import ServerTransaction
 
 
 class PaymentServer:
     role = "ps"
 
-    def __init__(self, registrar: Registrar, transfer: CreditTransfer) -> None:
+    def __init__(self, registrar: Registrar, transfer: CreditTransfer, otcn: OTCNIssuer) -> None:
         self.registrar = registrar
         self.transfer = transfer
+        self.otcn = otcn
         registrar.on_registered.append(transfer.deliver_queued)
-        self.handlers = {"REGISTER": registrar.register, "MESSAGE": transfer}
+        # MESSAGE carries several services; its Content-Type says which.
+        self.messages = {TRANSFER_CONTENT_TYPE: transfer, OTCN_REQUEST_CONTENT_TYPE: otcn}
+        self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message}
+
+    def message(self, txn: ServerTransaction, request: Request) -> None:
+        kind = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        handler = self.messages.get(kind)
+        if handler is None:
+            txn.respond_with(415, headers=[("Accept", ", ".join(sorted(self.messages)))])
+            return
+        handler(txn, request)
 
     def ack_received(self, request: Request, addr: Any) -> None:
         """ACKs of charged-by-time dialogs will arrive here; none exist yet."""

@@ -1,7 +1,7 @@
 """Assembling the payment server from the configuration.
 
     ps (MultiService)
-    |-- redis              only with [location] backend = redis: the connection pool
+    |-- redis              only with [location] backend = redis: the pool (locations, OTCNs)
     `-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer (registrar, transfer)
 
 The ledger service is the tree's, shared with the AS (device keys).
@@ -18,12 +18,14 @@ from mpay.auth.keyfiles import ensure_signing_key
 from mpay.auth.service import k_ps_ring, ticket_verifier
 from mpay.config import Config
 from mpay.payment.notices import NoticeQueue
+from mpay.payment.otcn_request import OTCNIssuer
 from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
 from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.transport import sip_listener
 from mpay.stores.location import MemoryLocationStore, RedisLocationStore, connect_redis
+from mpay.stores.otcn import MemoryOTCNStore, RedisOTCNStore
 
 
 class RedisService(service.Service):
@@ -47,8 +49,10 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         redis.setName("redis")
         redis.setServiceParent(parent)
         locations: Any = RedisLocationStore(redis.pool, location["redis_prefix"])
+        otcns: Any = RedisOTCNStore(redis.pool, location["redis_prefix"], now=reactor.seconds)
     else:
         locations = MemoryLocationStore(timers)
+        otcns = MemoryOTCNStore(timers, reactor.seconds)
     registrar = Registrar(ticket_verifier(cfg, k_ps_ring(cfg)), locations, reactor.seconds)
     transfer = CreditTransfer(
         authenticate=registrar.authenticate, ledger=ledger, device_keys=LedgerDeviceKeyStore(ledger),
@@ -56,11 +60,12 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,
         timer_a_s=cfg["ps"]["transfer_timer_a_s"])
-    core = PaymentServer(registrar, transfer)
+    core = PaymentServer(registrar, transfer,
+                         OTCNIssuer(registrar.authenticate, otcns, cfg["otcn"]["lifetime_s"]))
     sip = cfg["sip"]
     endpoint, listener = sip_listener("ps", cfg["ps"]["listen"], core, timers, settings,
                                       sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
     transfer.endpoint = endpoint
     listener.setServiceParent(parent)
-    parent.core, parent.listener, parent.locations = core, listener, locations
+    parent.core, parent.listener, parent.locations, parent.otcns = core, listener, locations, otcns
     return parent, endpoint

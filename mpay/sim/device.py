@@ -28,6 +28,7 @@ from mpay.auth.tickets import (
     make_authenticator, open_session_part,
 )
 from mpay.payment import receipt as receipts
+from mpay.payment.otcn_request import OTCN_REQUEST_CONTENT_TYPE
 from mpay.payment.transfer import NOTICE_CONTENT_TYPE, TRANSFER_CONTENT_TYPE
 from mpay.sip.message import Request, Response
 from mpay.sip.useragent import build_request, new_call_id
@@ -257,6 +258,16 @@ class Device:
             if (receipt.payee, receipt.amount) != (payee, amount):
                 raise DeviceError(f"receipt is for {receipt.amount} to {receipt.payee}")
         return response, receipt
+
+    @defer.inlineCallbacks
+    def request_otcn(self, cap: int | None = None):
+        """A one-time credit number from the PS: the body of its 200 (otcn, display, cap, expires_at)."""
+        body = json.dumps({"cap": cap} if cap is not None else {}).encode()
+        request = self._request("MESSAGE", f"sip:otcn@{self.domain}", to_uri=f"sip:otcn@{self.domain}",
+                                body=body, content_type=OTCN_REQUEST_CONTENT_TYPE)
+        response = yield self.endpoint.send_request(self.authenticate(request), self.ps_addr)
+        self._expect(response, 200, "OTCN request")
+        return json.loads(response.body)
 
     def _on_notice(self, txn: Any, request: Request) -> None:
         """A credit notice from the PS: checked, kept, confirmed with 200."""
