@@ -135,6 +135,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "listen": Key("udp:5060:interface=127.0.0.1", _listen),
         "signing_key": Key("var/ps_signing_key.pem", _text),
         "transfer_timer_a_s": Key("8", _positive_float),
+        "charge_timer_a_s": Key("60", _positive_float),
     },
     "ledger": {
         "backend": Key("sqlite", _backend("sqlite", "postgres")),
@@ -160,6 +161,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sim_control": Key("var/sim-modem.sock", _text),
     },
     "otcn": {"lifetime_s": Key("600", _otcn_lifetime)},
+    "guard": {
+        "limit": Key("5", _positive_int),
+        "window_s": Key("600", _positive_int),
+        "block_s": Key("600", _positive_int),
+    },
     "location": {
         "backend": Key("memory", _backend("memory", "redis")),
         "redis_host": Key("127.0.0.1", _text),

@@ -275,3 +275,29 @@ class BareCookieBranchTests(unittest.TestCase):
         layer.receive_request(make_request("OPTIONS", branch="z9hG4bK", call_id="b@h"), PEER)
         layer.receive_request(make_request("OPTIONS", branch="z9hG4bK", call_id="a@h"), PEER)
         self.assertEqual(len(tu.requests), 2, "two calls are two transactions; the repeat is absorbed")
+
+
+class InviteStyleClientTests(unittest.TestCase):
+    """RECEIVE runs as an INVITE transaction: a person may answer after Timer B."""
+
+    def test_provisional_suspends_timer_b_for_receive(self):
+        time = ClockWheel(self)
+        wire, responses, timeouts = Wire(), [], []
+        layer = TransactionLayer(time.wheel, wire, RecordingTU())
+        request = make_request("RECEIVE", branch="z9hG4bK-receive")
+        txn = layer.request(request, PEER, responses.append, lambda: timeouts.append(True))
+        self.assertTrue(txn.invite)
+        layer.receive_response(parse(make_response(request, 180, to_tag="p").to_bytes()), PEER)
+        time.advance(40)
+        self.assertEqual(timeouts, [], "Proceeding does not time out at Timer B")
+        layer.receive_response(parse(make_response(request, 200, to_tag="p").to_bytes()), PEER)
+        self.assertEqual([r.status for r in responses], [180, 200])
+
+    def test_unanswered_receive_times_out_at_timer_b(self):
+        time = ClockWheel(self)
+        timeouts = []
+        layer = TransactionLayer(time.wheel, Wire(), RecordingTU())
+        layer.request(make_request("RECEIVE", branch="z9hG4bK-r2"), PEER, lambda r: None,
+                      lambda: timeouts.append(True))
+        time.advance(32.1)
+        self.assertEqual(timeouts, [True])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpay.payment.otcn_request import OTCN_REQUEST_CONTENT_TYPE, OTCNIssuer
+from mpay.payment.receive import ChargeService
 from mpay.payment.registrar import Registrar
 from mpay.payment.transfer import TRANSFER_CONTENT_TYPE, CreditTransfer
 from mpay.sip.message import Request
@@ -20,14 +21,16 @@ from mpay.sip.transaction import ServerTransaction
 class PaymentServer:
     role = "ps"
 
-    def __init__(self, registrar: Registrar, transfer: CreditTransfer, otcn: OTCNIssuer) -> None:
+    def __init__(self, registrar: Registrar, transfer: CreditTransfer, otcn: OTCNIssuer,
+                 charges: ChargeService) -> None:
         self.registrar = registrar
+        self.charges = charges
         self.transfer = transfer
         self.otcn = otcn
         registrar.on_registered.append(transfer.deliver_queued)
         # MESSAGE carries several services; its Content-Type says which.
         self.messages = {TRANSFER_CONTENT_TYPE: transfer, OTCN_REQUEST_CONTENT_TYPE: otcn}
-        self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message}
+        self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message, "RECEIVE": charges}
 
     def message(self, txn: ServerTransaction, request: Request) -> None:
         kind = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -38,4 +41,5 @@ class PaymentServer:
         handler(txn, request)
 
     def ack_received(self, request: Request, addr: Any) -> None:
-        """ACKs of charged-by-time dialogs will arrive here; none exist yet."""
+        """A merchant's ACK of a charge's 200: relayed to the consumer."""
+        self.charges.ack_received(request)

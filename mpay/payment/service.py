@@ -18,7 +18,9 @@ from mpay.auth.keyfiles import ensure_signing_key
 from mpay.auth.service import k_ps_ring, ticket_verifier
 from mpay.config import Config
 from mpay.payment.notices import NoticeQueue
+from mpay.payment.guard import MemoryGuessGuard, RedisGuessGuard
 from mpay.payment.otcn_request import OTCNIssuer
+from mpay.payment.receive import ChargeService
 from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
 from mpay.payment.transfer import CreditTransfer
@@ -44,15 +46,19 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
     parent = service.MultiService()
     parent.setName("ps")
     location = cfg["location"]
+    limits = {"limit": cfg["guard"]["limit"], "window_s": cfg["guard"]["window_s"],
+              "block_s": cfg["guard"]["block_s"]}
     if location["backend"] == "redis":
         redis = RedisService(location["redis_host"], location["redis_port"], location["redis_db"])
         redis.setName("redis")
         redis.setServiceParent(parent)
         locations: Any = RedisLocationStore(redis.pool, location["redis_prefix"])
         otcns: Any = RedisOTCNStore(redis.pool, location["redis_prefix"], now=reactor.seconds)
+        guard: Any = RedisGuessGuard(redis.pool, location["redis_prefix"], **limits)
     else:
         locations = MemoryLocationStore(timers)
         otcns = MemoryOTCNStore(timers, reactor.seconds)
+        guard = MemoryGuessGuard(timers, reactor.seconds, **limits)
     registrar = Registrar(ticket_verifier(cfg, k_ps_ring(cfg)), locations, reactor.seconds)
     transfer = CreditTransfer(
         authenticate=registrar.authenticate, ledger=ledger, device_keys=LedgerDeviceKeyStore(ledger),
@@ -60,12 +66,17 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,
         timer_a_s=cfg["ps"]["transfer_timer_a_s"])
+    ps_key = transfer.ps_key
+    charges = ChargeService(
+        authenticate=registrar.authenticate, ledger=ledger, locations=locations, otcns=otcns,
+        guard=guard, ps_key=ps_key, currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
+        timers=timers, timer_a_s=cfg["ps"]["charge_timer_a_s"])
     core = PaymentServer(registrar, transfer,
-                         OTCNIssuer(registrar.authenticate, otcns, cfg["otcn"]["lifetime_s"]))
+                         OTCNIssuer(registrar.authenticate, otcns, cfg["otcn"]["lifetime_s"]), charges)
     sip = cfg["sip"]
     endpoint, listener = sip_listener("ps", cfg["ps"]["listen"], core, timers, settings,
                                       sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
-    transfer.endpoint = endpoint
+    transfer.endpoint = charges.endpoint = endpoint
     listener.setServiceParent(parent)
     parent.core, parent.listener, parent.locations, parent.otcns = core, listener, locations, otcns
     return parent, endpoint

@@ -93,7 +93,12 @@ class Device:
         self.state_path = state_path
         self.pinned_ps_key = pinned_ps_key
         self.endpoint: Any = None
-        self.handlers = {"REFER": self._on_refer, "MESSAGE": self._on_notice}
+        self.handlers = {"REFER": self._on_refer, "MESSAGE": self._on_notice,
+                         "RECEIVE": self._on_charge}
+        # Asked for each charge request: 200 to pay, 603 to decline, None to stay silent.
+        # No policy declines: a device never pays without a decision.
+        self.charge_policy: Callable[[dict], int | None] | None = None
+        self.charge_requests: list[dict] = []
         self.notices: list[dict] = []          # credit notices received, newest last
         self.on_notice: Callable[[dict], None] | None = None
         self._refer: defer.Deferred | None = None
@@ -291,3 +296,33 @@ class Device:
         self.log.info("dmd {number}: received {amount} from {payer}", number=self.state.number,
                       amount=notice["amount"], payer=notice["from"])
         txn.respond_with(200)
+
+    # -- charging ------------------------------------------------------------------
+    def _on_charge(self, txn: Any, request: Request) -> None:
+        """A merchant asks this consumer to pay: 180 at once, then the person's answer."""
+        try:
+            asked = json.loads(request.body)
+        except ValueError:
+            txn.respond_with(400, "Bad Charge Request")
+            return
+        self.charge_requests.append(asked)
+        txn.respond_with(180)
+        decision = self.charge_policy(asked) if self.charge_policy is not None else 603
+        if decision is not None:
+            txn.respond_with(decision)
+
+    @defer.inlineCallbacks
+    def charge(self, target: str, amount: int):
+        """As a merchant: charge *target* (a number or an OTCN) *amount*; the final response."""
+        from mpay.payment.receive import CHARGE_CONTENT_TYPE
+
+        uri = f"sip:{target}@{self.domain}"
+        request = self._request("RECEIVE", uri, to_uri=uri, body=json.dumps({"amount": amount}).encode(),
+                                content_type=CHARGE_CONTENT_TYPE)
+        response = yield self.endpoint.send_request(self.authenticate(request), self.ps_addr)
+        if 200 <= response.status < 300:
+            ack = build_request("ACK", uri, sent_by=self.endpoint.sent_by, from_uri=self.uri, to_uri=uri,
+                                call_id=request.call_id, cseq=request.cseq[0],
+                                from_tag=request.from_addr.tag, to_tag=response.to_addr.tag)
+            self.endpoint.send(ack.to_bytes(), self.ps_addr)
+        return response

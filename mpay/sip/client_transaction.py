@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from mpay.sip.message import Headers, Request, Response
-from mpay.sip.timing import State
+from mpay.sip.timing import INVITE_STYLE_METHODS, State
 
 if TYPE_CHECKING:
     from mpay.sip.transaction import TransactionLayer
@@ -34,7 +34,7 @@ class ClientTransaction:
         self.request = request
         self.key = (branch, request.cseq[1])
         self.addr = addr
-        self.invite = request.method == "INVITE"
+        self.invite = request.method in INVITE_STYLE_METHODS
         self.reliable = reliable
         self.state = State.CALLING if self.invite else State.TRYING
         self.on_response = on_response
@@ -127,7 +127,10 @@ class ClientTransaction:
         return Request("ACK", original.uri, headers)
 
     def _timeout(self) -> None:
-        if self.state in (State.TRYING, State.CALLING, State.PROCEEDING):
+        # Timer B ends an INVITE only while Calling: once the peer said 1xx, a person
+        # may take their time (the TU's own timer decides); Timer F ends a non-INVITE.
+        if self.state in (State.TRYING, State.CALLING) or (
+                self.state is State.PROCEEDING and not self.invite):
             self.layer.stats["client_timeouts"] += 1
             self._terminate()
             self.on_timeout()

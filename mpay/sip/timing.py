@@ -10,6 +10,11 @@ T2_S = 4.0   # cap on the non-INVITE request and INVITE response retransmit inte
 T4_S = 5.0   # how long a message may linger in the network
 
 
+# Methods run as INVITE transactions (provisional, 2xx, ACK): RECEIVE is how a
+# merchant asks a consumer to pay, answered by a person (DESIGN section 7).
+INVITE_STYLE_METHODS = frozenset({"INVITE", "RECEIVE"})
+
+
 class State(enum.Enum):
     TRYING = "Trying"
     CALLING = "Calling"

@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 
 from mpay.sip.client_transaction import ClientTransaction
 from mpay.sip.message import Request, Response, make_response
-from mpay.sip.timing import State, TimerSettings
+from mpay.sip.timing import INVITE_STYLE_METHODS, State, TimerSettings
 
 MAX_TRANSACTIONS = 100_000
 
@@ -52,7 +52,9 @@ class TransactionUser(Protocol):
 def server_key(request: Request) -> tuple:
     """RFC 17.2.3 matching: branch + sent-by + method (ACK matches INVITE)."""
     via = request.top_via
-    method = "INVITE" if request.method == "ACK" else request.method
+    # An ACK names no method of its own: it belongs to the INVITE-style transaction.
+    method = "INVITE" if request.method == "ACK" or request.method in INVITE_STYLE_METHODS \
+        else request.method
     branch = via.rfc3261_branch
     if branch is not None:
         return (branch, via.host, via.port, method)
@@ -210,7 +212,8 @@ class TransactionLayer:
             "client_timeouts": 0, "requests_resent": 0,
         }
         # Which methods get INVITE-style server transactions (the PS adds dialog-opening ones).
-        self.is_invite_style: Callable[[Request], bool] = lambda request: request.method == "INVITE"
+        self.is_invite_style: Callable[[Request], bool] = \
+            lambda request: request.method in INVITE_STYLE_METHODS
 
     # -- server side -------------------------------------------------------
     def receive_request(self, request: Request, addr: Any, reliable: bool = False) -> None:
