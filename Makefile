@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench clean sipp
+.PHONY: run test bench demo clean sipp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 test: $(STAMP)
 	@command -v sipp >/dev/null || $(MAKE) --no-print-directory sipp
 	$(BIN)/trial --reporter=mpay $(or $(TESTS),tests)
+
+# Against the servers of `make run` (another shell): enrol, pay, charge, audit.
+demo: $(STAMP)
+	$(BIN)/python -m mpay.cli.demo $(ARGS)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -82,6 +82,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def start_device(reactor, cfg: mpay_config.Config, state: DeviceState, state_path: str | None, *,
+                 bind: str = "127.0.0.1", as_addr=None, ps_addr=None, as_key=None, ps_key=None,
+                 quiet: bool = False):
+    """A running Sim-DMD for the servers *cfg* describes: (device, stop() -> Deferred)."""
+    as_key = as_key or _public_path(cfg["as"]["signing_key"])
+    ps_key = ps_key or _public_path(cfg["ps"]["signing_key"])
+
+    def ring(number: str, line: str) -> defer.Deferred:
+        from mpay.sim.modem import ring_via_control
+
+        if not quiet:
+            print(f"placing the call to {line} (simulated modem)")
+        return ring_via_control(cfg["callerid"]["sim_control"], number, reactor=reactor)
+
+    timers = TimeWheelService(TimeWheel(tick_s=cfg["timewheel"]["tick_ms"] / 1000.0), reactor=reactor)
+    device = Device(state, domain=cfg["server"]["domain"],
+                    as_addr=as_addr or _address(cfg["as"]["listen"]),
+                    ps_addr=ps_addr or _address(cfg["ps"]["listen"]),
+                    as_identity=cfg["as"]["identity"], pinned_as_key=load_public_key(as_key),
+                    ring=ring, clock=reactor.seconds, reactor=reactor, state_path=state_path,
+                    pinned_ps_key=load_public_key(ps_key) if os.path.exists(ps_key) else None)
+    device.endpoint = SIPEndpoint("dmd", device, timers)
+    listener = UDPListenerService(f"udp:0:interface={bind}", device.endpoint, reactor=reactor)
+    timers.startService()
+    listener.startService()
+
+    @defer.inlineCallbacks
+    def stop():
+        yield listener.stopService()
+        timers.stopService()
+
+    return device, stop
+
+
 @defer.inlineCallbacks
 def run(reactor, args: argparse.Namespace):
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
@@ -95,28 +129,10 @@ def run(reactor, args: argparse.Namespace):
     else:
         raise DeviceError(f"{state_path}: no such device; run `mpay-dmd enroll {number}` first")
     os.makedirs(os.path.dirname(state_path) or ".", exist_ok=True)
-    signing_key = cfg["as"]["signing_key"]
-    as_key = args.as_key or _public_path(signing_key)
-    ps_key = args.ps_key or _public_path(cfg["ps"]["signing_key"])
-
-    def ring(number: str, line: str) -> defer.Deferred:
-        from mpay.sim.modem import ring_via_control
-
-        print(f"placing the call to {line} (simulated modem)")
-        return ring_via_control(cfg["callerid"]["sim_control"], number, reactor=reactor)
-
-    wheel = TimeWheel(tick_s=cfg["timewheel"]["tick_ms"] / 1000.0)
-    timers = TimeWheelService(wheel, reactor=reactor)
-    device = Device(state, domain=cfg["server"]["domain"],
-                    as_addr=args.as_addr or _address(cfg["as"]["listen"]),
-                    ps_addr=args.ps_addr or _address(cfg["ps"]["listen"]),
-                    as_identity=cfg["as"]["identity"], pinned_as_key=load_public_key(as_key),
-                    ring=ring, clock=reactor.seconds, reactor=reactor, state_path=state_path,
-                    pinned_ps_key=load_public_key(ps_key) if os.path.exists(ps_key) else None)
-    device.endpoint = SIPEndpoint("dmd", device, timers)
-    listener = UDPListenerService(f"udp:0:interface={args.bind}", device.endpoint, reactor=reactor)
-    timers.startService()
-    listener.startService()
+    device, stop = start_device(reactor, cfg, state, state_path, bind=args.bind,
+                                as_addr=args.as_addr, ps_addr=args.ps_addr,
+                                as_key=args.as_key, ps_key=args.ps_key)
+    as_key = args.as_key or _public_path(cfg["as"]["signing_key"])
     try:
         if args.command == "enroll":
             yield device.enroll()
@@ -153,8 +169,7 @@ def run(reactor, args: argparse.Namespace):
             yield device.register(0)
             print(f"{len(device.notices)} notice(s)")
     finally:
-        yield listener.stopService()
-        timers.stopService()
+        yield stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ class DeviceState:
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(self.signing_key))
 
     def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write_secret_file(path, json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
