@@ -125,7 +125,13 @@ def makeService(options: Options, reactor=None) -> MpayService:
         top.cores[name] = parent.core
 
     if cfg["metrics"]["listen"]:
-        metrics_service(cfg["metrics"]["listen"], top.endpoints.values(), reactor).setServiceParent(top)
+        sources = {}
+        if "as" in top.cores:
+            sources["enrolment"] = top.cores["as"]
+        if "ps" in top.cores:
+            sources.update(transfer=top.cores["ps"].transfer, charge=top.cores["ps"].charges)
+        metrics_service(cfg["metrics"]["listen"], top.endpoints.values(), reactor,
+                        outcomes=sources, ledger=ledger).setServiceParent(top)
     manhole = cfg["manhole"]
     if manhole["listen"]:
         namespace = {"mpay": top, "config": cfg, "wheel": wheel, "endpoints": top.endpoints,

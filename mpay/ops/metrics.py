@@ -56,10 +56,42 @@ class SIPCollector:
         yield from (requests, responses, errors, absorbed, overload, transactions)
 
 
-def metrics_service(listen: str, endpoints: Iterable[SIPEndpoint], reactor=None) -> service.Service:
+class OutcomeCollector:
+    """How enrolments, transfers and charges ended (by reason phrase), and the ledger's queue.
+
+    *sources* maps a service name to an object with an ``outcomes`` dict
+    (reason -> count), kept by the AS and PS cores; reasons are a closed set of
+    the code's own phrases, so the label cardinality is bounded.
+    """
+
+    def __init__(self, sources: dict[str, object], ledger: object | None = None):
+        self.sources = sources
+        self.ledger = ledger
+
+    def collect(self):
+        outcomes = CounterMetricFamily("mpay_outcomes", "How each service's requests ended",
+                                       labels=["service", "outcome"])
+        for name, source in self.sources.items():
+            for outcome, count in getattr(source, "outcomes", {}).items():
+                outcomes.add_metric([name, outcome], count)
+        yield outcomes
+        if self.ledger is not None:
+            stats = self.ledger.stats()
+            pending = GaugeMetricFamily("mpay_ledger_pending", "Operations queued for the ledger writer")
+            pending.add_metric([], stats["pending"])
+            batches = CounterMetricFamily("mpay_ledger_batches", "Group commits")
+            batches.add_metric([], stats["batches"])
+            operations = CounterMetricFamily("mpay_ledger_operations", "Operations committed or refused")
+            operations.add_metric([], stats["operations"])
+            yield from (pending, batches, operations)
+
+
+def metrics_service(listen: str, endpoints: Iterable[SIPEndpoint], reactor=None,
+                    outcomes: dict[str, object] | None = None, ledger: object | None = None) -> service.Service:
     """A web listener serving /metrics from a registry of its own (no global state)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SIPCollector(endpoints))
+    registry.register(OutcomeCollector(outcomes or {}, ledger))
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))
     svc = strports.service(listen, Site(root), reactor=reactor)
