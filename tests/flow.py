@@ -7,7 +7,7 @@ import secrets
 import shutil
 import tempfile
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 
 import tap
 from mpay.auth.keyfiles import load_public_key
@@ -82,6 +82,24 @@ class MpayFixture:
         self.testcase.addCleanup(self.top.stopService)
         # The receiver must have switched caller-ID reports on before anyone calls.
         yield self.modem.wait_for_command("AT+VCID=1")
+
+    @defer.inlineCallbacks
+    def ready(self, number: str):
+        """A device enrolled, holding a ticket and registered at the PS: (device, recorder)."""
+        device, recorder = self.device(number)
+        yield device.enroll()
+        yield device.get_ticket()
+        yield device.register()
+        return device, recorder
+
+    @defer.inlineCallbacks
+    def eventually(self, predicate, tries: int = 100, every_s: float = 0.05):
+        """Wait (bounded) for something the servers do after answering."""
+        for _ in range(tries):
+            if predicate():
+                return
+            yield task.deferLater(reactor, every_s, lambda: None)
+        self.testcase.fail("condition never held")
 
     def address(self, role: str) -> tuple[str, int]:
         return ("127.0.0.1", self.top.listeners[role].port)

@@ -1,6 +1,6 @@
 """Event charging over real UDP: RECEIVE by number and by OTCN (issue 6, Fig 4-4)."""
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mpay.payment.otcn import new_otcn
@@ -20,32 +20,16 @@ class EventChargingTests(unittest.TestCase):
         self.mpay = MpayFixture(self, "ps.charge_timer_a_s=1")
         yield self.mpay.start()
         self.ledger = self.mpay.top.ledger
-        self.consumer, self.consumer_wire = yield self.ready(CONSUMER)
-        self.merchant, self.merchant_wire = yield self.ready(MERCHANT)
+        self.consumer, self.consumer_wire = yield self.mpay.ready(CONSUMER)
+        self.merchant, self.merchant_wire = yield self.mpay.ready(MERCHANT)
         yield self.ledger.cash_in(CONSUMER, TOP_UP, "topup")
         self.consumer.charge_policy = lambda asked: 200
-
-    @defer.inlineCallbacks
-    def ready(self, number):
-        device, recorder = self.mpay.device(number)
-        yield device.enroll()
-        yield device.get_ticket()
-        yield device.register()
-        return device, recorder
 
     @defer.inlineCallbacks
     def balances(self):
         consumer = yield self.ledger.balance(CONSUMER)
         merchant = yield self.ledger.balance(MERCHANT)
         return consumer.balance, merchant.balance
-
-    @defer.inlineCallbacks
-    def eventually(self, predicate):
-        for _ in range(100):
-            if predicate():
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("condition never held")
 
     @defer.inlineCallbacks
     def test_event_charging_by_number_confirmed(self):
@@ -58,7 +42,7 @@ class EventChargingTests(unittest.TestCase):
         consumer_flow = self.consumer_wire.flow()
         start = consumer_flow.index(("<", "RECEIVE"))
         self.assertEqual(consumer_flow[start:start + 3], [("<", "RECEIVE"), (">", 180), (">", 200)])
-        yield self.eventually(lambda: ("<", "ACK") in self.consumer_wire.flow())
+        yield self.mpay.eventually(lambda: ("<", "ACK") in self.consumer_wire.flow())
         self.assertEqual(self.mpay.ps_core.charges.live, {})
 
     @defer.inlineCallbacks
@@ -87,7 +71,7 @@ class EventChargingTests(unittest.TestCase):
         response = yield self.merchant.charge(CONSUMER, 300)
         self.assertEqual(response.status, 408)
         self.assertEqual((yield self.balances()), (TOP_UP, 0))
-        yield self.eventually(lambda: ("<", "CANCEL") in self.consumer_wire.flow())
+        yield self.mpay.eventually(lambda: ("<", "CANCEL") in self.consumer_wire.flow())
 
     @defer.inlineCallbacks
     def test_short_balance_gets_402(self):

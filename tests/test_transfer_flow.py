@@ -1,6 +1,6 @@
 """Credit transfer over real UDP, one test per outcome (issue 5, DESIGN section 6)."""
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mpay.auth.tickets import AUTHENTICATOR_HEADER, TICKET_HEADER
@@ -24,17 +24,9 @@ class TransferTests(unittest.TestCase):
         self.mpay = MpayFixture(self, *self.settings)
         yield self.mpay.start()
         self.ledger = self.mpay.top.ledger
-        self.payer, self.payer_wire = yield self.ready(PAYER)
-        self.payee, self.payee_wire = yield self.ready(PAYEE)
+        self.payer, self.payer_wire = yield self.mpay.ready(PAYER)
+        self.payee, self.payee_wire = yield self.mpay.ready(PAYEE)
         yield self.ledger.cash_in(PAYER, TOP_UP, f"topup-{PAYER}")
-
-    @defer.inlineCallbacks
-    def ready(self, number):
-        device, recorder = self.mpay.device(number)
-        yield device.enroll()
-        yield device.get_ticket()
-        yield device.register()
-        return device, recorder
 
     @defer.inlineCallbacks
     def balances(self):
@@ -51,14 +43,6 @@ class TransferTests(unittest.TestCase):
         else:
             self.fail(f"expected {expected}")
         self.assertEqual((yield self.balances()), (TOP_UP, 0), "no money moved")
-
-    @defer.inlineCallbacks
-    def eventually(self, predicate):
-        for _ in range(100):
-            if predicate():
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("condition never held")
 
     @defer.inlineCallbacks
     def test_credit_transfer_confirmed_gets_200_with_signed_receipt(self):
@@ -90,7 +74,7 @@ class TransferTests(unittest.TestCase):
         self.assertEqual((yield self.balances()), (750, 250))
         self.assertEqual(self.payee.notices, [])
         yield self.payee.register()
-        yield self.eventually(lambda: len(self.payee.notices) == 1)
+        yield self.mpay.eventually(lambda: len(self.payee.notices) == 1)
         self.assertEqual(self.payee.notices[0]["amount"], 250)
 
     @defer.inlineCallbacks

@@ -25,6 +25,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mpay.effects import CancelTimer, StartTimer  # noqa: F401  (part of this machine's effects)
+
 ENROL_TIMER_A_S = 0.5    # 401 sent -> send the REFER
 ENROL_TIMER_C_S = 32.0   # REFER unanswered -> give up (64 x T1)
 ENROL_TIMER_D_S = 60.0   # REFER accepted -> the call and the NOTIFY must be in by then
@@ -85,17 +87,6 @@ class Respond:
 @dataclass(frozen=True)
 class SendRefer:
     refer_to: str          # tel: URI of the caller-ID receiver line
-
-
-@dataclass(frozen=True)
-class StartTimer:
-    name: str
-    delay_s: float
-
-
-@dataclass(frozen=True)
-class CancelTimer:
-    name: str
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpay.effects import CancelTimer, StartTimer  # noqa: F401  (part of this machine's effects)
+
 CHARGE_TIMER_A_S = 60.0      # how long the person has to confirm on the phone
 
 
@@ -85,17 +87,6 @@ class ByeBoth:
 class Settle:
     """Close the session: charge ``rate x elapsed`` (``exhausted``: exactly what was available)."""
     exhausted: bool
-
-
-@dataclass(frozen=True)
-class StartTimer:
-    name: str
-    delay_s: float
-
-
-@dataclass(frozen=True)
-class CancelTimer:
-    name: str
 
 
 @dataclass(frozen=True)

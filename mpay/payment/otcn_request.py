@@ -14,6 +14,7 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from mpay.ledger.api import MAX_AMOUNT_MINOR
+from mpay.payment.body import json_body
 from mpay.payment.otcn import OTCN_LIFETIME_S, format_otcn
 from mpay.sip.message import Request
 from mpay.sip.transaction import ServerTransaction
@@ -24,16 +25,9 @@ OTCN_CONTENT_TYPE = "application/vnd.mpay.otcn+json"
 MAX_OTCN_REQUEST_BYTES = 256
 
 
-def read_cap(body: bytes) -> int | None:
+def read_cap(request: Request) -> int | None:
     """The spending cap asked for, or ValueError with the reason phrase."""
-    if len(body) > MAX_OTCN_REQUEST_BYTES:
-        raise ValueError("OTCN Request Too Large")
-    try:
-        fields = json.loads(body or b"{}")
-    except ValueError:
-        raise ValueError("Malformed OTCN Request") from None
-    if not isinstance(fields, dict):
-        raise ValueError("Malformed OTCN Request")
+    fields = json_body(request, OTCN_REQUEST_CONTENT_TYPE, MAX_OTCN_REQUEST_BYTES, "OTCN Request")
     cap = fields.get("cap")
     if cap is not None and (type(cap) is not int or not 0 < cap <= MAX_AMOUNT_MINOR):
         raise ValueError("Invalid Cap")
@@ -53,7 +47,7 @@ class OTCNIssuer:
         if verified is None:
             return
         try:
-            cap = read_cap(request.body)
+            cap = read_cap(request)
         except ValueError as exc:
             txn.respond_with(400, str(exc))
             return

@@ -23,6 +23,7 @@ from mpay.auth.wire import digest_of
 from mpay.ledger.api import MAX_AMOUNT_MINOR
 from mpay.payment import charging as fsm
 from mpay.payment import receipt as receipts
+from mpay.payment.body import json_body
 from mpay.payment.otcn import InvalidOTCN, otcn_in_user
 from mpay.payment.transfer import ANONYMOUS, ANONYMOUS_URI, REFUSALS
 from mpay.sip.endpoint import SIPTimeout
@@ -126,15 +127,8 @@ class ChargeService:
 
     @staticmethod
     def _read(request: Request) -> tuple[int | None, int | None]:
-        if (request.headers.get("Content-Type") or "").split(";")[0].strip().lower() != CHARGE_CONTENT_TYPE:
-            raise ValueError("Not A Charge")
-        if len(request.body) > MAX_CHARGE_BODY_BYTES:
-            raise ValueError("Charge Body Too Large")
-        try:
-            body = json.loads(request.body)
-        except ValueError:
-            raise ValueError("Malformed Charge Body") from None
-        amount, rate = (body.get("amount"), body.get("rate")) if isinstance(body, dict) else (None, None)
+        body = json_body(request, CHARGE_CONTENT_TYPE, MAX_CHARGE_BODY_BYTES, "Charge")
+        amount, rate = body.get("amount"), body.get("rate")
         for value in (amount, rate):
             if value is not None and (type(value) is not int or not 0 < value <= MAX_AMOUNT_MINOR):
                 raise ValueError("Invalid Amount")

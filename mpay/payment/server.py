@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpay.payment.body import media_type
 from mpay.payment.otcn_request import OTCN_REQUEST_CONTENT_TYPE, OTCNIssuer
 from mpay.payment.receive import ChargeService
 from mpay.payment.registrar import Registrar
@@ -33,8 +34,7 @@ class PaymentServer:
         self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message, "RECEIVE": charges}
 
     def message(self, txn: ServerTransaction, request: Request) -> None:
-        kind = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        handler = self.messages.get(kind)
+        handler = self.messages.get(media_type(request))
         if handler is None:
             txn.respond_with(415, headers=[("Accept", ", ".join(sorted(self.messages)))])
             return

@@ -31,6 +31,7 @@ from mpay.auth.crypto import encode_b64
 from mpay.auth.wire import digest_of
 from mpay.ledger.api import MAX_AMOUNT_MINOR, Outcome, TransferResult
 from mpay.payment import receipt as receipts
+from mpay.payment.body import json_body
 from mpay.payment.notices import NoticeQueue
 from mpay.sip.endpoint import SIPTimeout
 from mpay.sip.message import Request
@@ -99,16 +100,10 @@ class BadTransfer(ValueError):
 
 
 def read_transfer(request: Request, currency: str, default_region: str) -> TransferRequest:
-    if (request.headers.get("Content-Type") or "").split(";")[0].strip().lower() != TRANSFER_CONTENT_TYPE:
-        raise BadTransfer("Not A Transfer")
-    if len(request.body) > MAX_TRANSFER_BODY_BYTES:
-        raise BadTransfer("Transfer Body Too Large")
     try:
-        body = json.loads(request.body)
-    except ValueError:
-        raise BadTransfer("Malformed Transfer Body") from None
-    if not isinstance(body, dict):
-        raise BadTransfer("Malformed Transfer Body")
+        body = json_body(request, TRANSFER_CONTENT_TYPE, MAX_TRANSFER_BODY_BYTES, "Transfer")
+    except ValueError as exc:
+        raise BadTransfer(str(exc)) from None
     amount = body.get("amount")
     # bool is an int in Python; a float or a string is never an amount of minor units.
     if type(amount) is not int or not 0 < amount <= MAX_AMOUNT_MINOR:

@@ -28,6 +28,7 @@ from mpay.auth.tickets import (
     make_authenticator, open_session_part,
 )
 from mpay.payment import receipt as receipts
+from mpay.payment.body import media_type
 from mpay.payment.otcn_request import OTCN_REQUEST_CONTENT_TYPE
 from mpay.payment.transfer import NOTICE_CONTENT_TYPE, TRANSFER_CONTENT_TYPE
 from mpay.sip.message import Request, Response
@@ -277,7 +278,7 @@ class Device:
 
     def _on_notice(self, txn: Any, request: Request) -> None:
         """A credit notice from the PS: checked, kept, confirmed with 200."""
-        if (request.headers.get("Content-Type") or "").split(";")[0] != NOTICE_CONTENT_TYPE:
+        if media_type(request) != NOTICE_CONTENT_TYPE:
             txn.respond_with(415, headers=[("Accept", NOTICE_CONTENT_TYPE)])
             return
         try:
