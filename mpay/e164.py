@@ -20,7 +20,8 @@ import re
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberFormat, ValidationResult
 
-from mpay.sip.headers import ParseError, parse_uri
+from mpay.sip.headers import ParseError
+from mpay.sip.uri import parse_uri
 
 # Longer input than this is not a telephone number someone typed; refusing it
 # early also bounds the memory of the cache below.

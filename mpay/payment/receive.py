@@ -27,7 +27,7 @@ from mpay.payment.body import json_body
 from mpay.payment.otcn import InvalidOTCN, otcn_in_user
 from mpay.payment.transfer import ANONYMOUS, ANONYMOUS_URI, REFUSALS
 from mpay.sip.endpoint import SIPTimeout
-from mpay.sip.headers import parse_uri
+from mpay.sip.uri import parse_uri
 from mpay.sip.message import Request
 from mpay.sip.transaction import ServerTransaction
 from mpay.sip.useragent import build_request, new_branch, new_call_id

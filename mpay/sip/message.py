@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from mpay.sip.headers import (
-    MAGIC_COOKIE, NameAddr, ParseError, SipURI, Via, header_name, is_token, parse_cseq,
-    parse_name_addr, parse_uri, parse_via, split_list,
+    MAGIC_COOKIE, NameAddr, ParseError, Via, header_name, is_token, parse_cseq,
+    parse_name_addr, parse_via, split_list,
 )
+from mpay.sip.uri import SipURI, parse_uri
 
 __all__ = [  # the value helpers live in headers.py; callers may import all from here
     "MAGIC_COOKIE", "MAX_HEADER_FIELDS", "MAX_HEADER_LINE_BYTES", "MAX_MESSAGE_BYTES",
