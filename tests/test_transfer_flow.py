@@ -44,6 +44,26 @@ class TransferTests(unittest.TestCase):
             self.fail(f"expected {expected}")
         self.assertEqual((yield self.balances()), (TOP_UP, 0), "no money moved")
 
+    def keep_sent(self):
+        """Record the payer's requests: (the list, the unwrapped send_request)."""
+        sent = []
+        original = self.payer.endpoint.send_request
+
+        def keep(req, addr, *args):
+            sent.append(req)
+            return original(req, addr, *args)
+
+        self.payer.endpoint.send_request = keep
+        return sent, original
+
+    def resend(self, request, send, tag):
+        """The lost-response case: the same payer, Call-ID and CSeq in a new transaction
+        (new branch), with a fresh authenticator (the old one would rightly be a replay)."""
+        request.headers.set("Via", request.headers.getall("Via")[0].replace("branch=", f"branch=z9hG4bK{tag}"))
+        for name in (TICKET_HEADER, AUTHENTICATOR_HEADER):
+            request.headers.remove(name)
+        return send(self.payer.authenticate(request), self.mpay.address("ps"))
+
     @defer.inlineCallbacks
     def test_credit_transfer_confirmed_gets_200_with_signed_receipt(self):
         response, receipt = yield self.payer.transfer(PAYEE, 300)
@@ -113,22 +133,9 @@ class TransferTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_request_resent_after_its_transaction_ended_replays_the_receipt(self):
-        sent = []
-        original = self.payer.endpoint.send_request
-
-        def keep(req, addr, *args):
-            sent.append(req)
-            return original(req, addr, *args)
-
-        self.payer.endpoint.send_request = keep
+        sent, original = self.keep_sent()
         _, first = yield self.payer.transfer(PAYEE, 50)
-        request = sent[-1]
-        # A new transaction (new branch), the same payer, Call-ID and CSeq: the lost-response case.
-        request.headers.set("Via", request.headers.getall("Via")[0].replace("branch=", "branch=z9hG4bKagain"))
-        for name in (TICKET_HEADER, AUTHENTICATOR_HEADER):
-            request.headers.remove(name)
-        # The DMD re-sends with a fresh authenticator: the old one would rightly be a replay.
-        again = yield original(self.payer.authenticate(request), self.mpay.address("ps"))
+        again = yield self.resend(sent[-1], original, "again")
         self.assertEqual(again.status, 200)
         self.assertEqual((yield self.balances()), (950, 50), "one debit")
         self.assertEqual(len(self.payee.notices), 1, "the payee is not told twice")
@@ -153,21 +160,10 @@ class TransferTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_resent_request_with_the_payee_now_offline_gets_202_not_200(self):
         """After a crash the PS cannot know the payee heard: 200 would claim a confirmation."""
-        sent = []
-        original = self.payer.endpoint.send_request
-
-        def keep(req, addr, *args):
-            sent.append(req)
-            return original(req, addr, *args)
-
-        self.payer.endpoint.send_request = keep
+        sent, original = self.keep_sent()
         _, first = yield self.payer.transfer(PAYEE, 70)
         yield self.payee.register(expires_s=0)
-        request = sent[-1]
-        request.headers.set("Via", request.headers.getall("Via")[0].replace("branch=", "branch=z9hG4bKlater"))
-        for name in (TICKET_HEADER, AUTHENTICATOR_HEADER):
-            request.headers.remove(name)
-        again = yield original(self.payer.authenticate(request), self.mpay.address("ps"))
+        again = yield self.resend(sent[-1], original, "later")
         self.assertEqual((again.status, again.reason), (202, "Payee Offline, Notice Queued"))
         self.assertIn(f"journal_id\": {first.journal_id}".encode(), again.body)
         self.assertEqual((yield self.balances()), (930, 70), "one debit")
