@@ -13,8 +13,8 @@ from typing import Mapping
 
 from mpay.ledger.api import (
     MAX_AMOUNT_MINOR, SETTLEMENT, Balance, DeviceKey, Hold, HoldResult, InvalidNumber,
-    JournalEntry, LedgerBusy, LedgerError, LedgerStopped, Outcome, TransferResult,
-    UnknownAccount, check_number, sip_idempotency_key, validate_amount,
+    JournalEntry, LedgerBusy, LedgerError, LedgerStopped, Outcome, Session, SessionResult,
+    TransferResult, UnknownAccount, check_number, sip_idempotency_key, validate_amount,
 )
 from mpay.ledger.audit import AuditReport
 from mpay.ledger.service import LedgerService
@@ -28,7 +28,7 @@ DEFAULT_POSTGRES_SCHEMA = "public"
 __all__ = [
     "MAX_AMOUNT_MINOR", "SETTLEMENT", "AuditReport", "Balance", "DeviceKey", "Hold",
     "HoldResult", "InvalidNumber", "JournalEntry", "LedgerBusy", "LedgerError", "LedgerService",
-    "LedgerStopped", "Outcome", "SQLStore", "TransferResult", "UnknownAccount", "check_number",
+    "LedgerStopped", "Outcome", "SQLStore", "Session", "SessionResult", "TransferResult", "UnknownAccount", "check_number",
     "sip_idempotency_key", "store_opener", "validate_amount",
 ]
 

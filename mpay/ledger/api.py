@@ -39,6 +39,12 @@ MAX_KEY_CHARS = 512
 MAX_REFERENCE_CHARS = 1024
 """Longest free-text reference stored with a journal row or hold."""
 
+MAX_DIALOG_CHARS = 8192
+"""Longest dialog description stored with a session (what a BYE to each side needs)."""
+
+SESSIONS_HOLD_REF = "sessions"
+"""The reference of the one hold that all of a consumer's timed sessions draw on."""
+
 MAX_SIGNATURE_BYTES = 512
 """Longest payer signature stored (an Ed25519 signature is 64 bytes)."""
 
@@ -135,6 +141,43 @@ class Hold(NamedTuple):
     created: float
     checkpointed_amount: int
     status: str  # active / settled / released
+
+
+class SessionResult(NamedTuple):
+    """The answer to opening or settling a session charged by time.
+
+    ``unspent`` is what the consumer's open sessions may still spend together
+    (the sessions hold's rest): the PS's Timer C is computed from it.
+    """
+
+    outcome: Outcome
+    session_id: int | None = None
+    hold_id: int | None = None
+    unspent: int = 0
+    charged: int = 0
+    journal_id: int | None = None
+    created: float | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (Outcome.COMMITTED, Outcome.DUPLICATE)
+
+
+class Session(NamedTuple):
+    """An open session as a restarted PS finds it."""
+
+    id: int
+    hold_id: int
+    consumer: str
+    merchant: str
+    rate: int
+    session_ref: str
+    owner: str
+    opened: float
+    checkpointed_amount: int
+    checkpointed: float | None
+    dialog: str
 
 
 class DeviceKey(NamedTuple):

@@ -3,9 +3,10 @@
 It trusts nothing the writer maintains incrementally.  Every stored balance
 is recomputed from the journal (credits - debits); the balances must sum to
 zero (money only enters through the settlement account); no user balance is
-negative; every account's ``held`` equals the sum of its active holds; every
-journal row moves a positive amount between two different accounts.  The
-checks run in one snapshot, so a live server does not cause false alarms.
+negative; every account's ``held`` equals what its active holds have unspent;
+every open session draws on an active hold and every active sessions hold has
+an open session; every journal row moves a positive amount between two
+different accounts.  The checks run in one snapshot, so a live server does not cause false alarms.
 A nonzero exit of ``mpay-admin audit`` means an operator must look.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from mpay.ledger.api import SETTLEMENT
+from mpay.ledger.api import SESSIONS_HOLD_REF, SETTLEMENT
 
 MAX_REPORTED_PROBLEMS = 20
 """Discrepancies listed one by one; beyond this only their number is reported."""
@@ -35,7 +36,7 @@ ORDER BY a.number"""
 _HELD_VS_HOLDS = """
 SELECT a.number, a.held, COALESCE(h.total, 0)
 FROM accounts a
-LEFT JOIN (SELECT account AS number, CAST(SUM(amount) AS BIGINT) AS total
+LEFT JOIN (SELECT account AS number, CAST(SUM(amount - spent) AS BIGINT) AS total
            FROM holds WHERE status = 'active' GROUP BY account) h ON h.number = a.number
 WHERE a.held <> COALESCE(h.total, 0)
 ORDER BY a.number"""
@@ -91,6 +92,15 @@ def run_audit(query: Query) -> AuditReport:
         problems.append(f"{number}: held {held} outside 0..balance {balance}")
     for number, held, computed in query(_HELD_VS_HOLDS):
         problems.append(f"{number}: held {held} but active holds sum to {computed}")
+    for session_id, hold_id in query(
+            "SELECT s.id, s.hold_id FROM sessions s JOIN holds h ON h.id = s.hold_id"
+            " WHERE s.status = 'open' AND h.status <> 'active' ORDER BY s.id"):
+        problems.append(f"session {session_id}: open, but its hold {hold_id} is not active")
+    for (hold_id,) in query(
+            "SELECT h.id FROM holds h WHERE h.status = 'active' AND h.session_ref = ? AND NOT"
+            " EXISTS (SELECT 1 FROM sessions s WHERE s.hold_id = h.id AND s.status = 'open')"
+            " ORDER BY h.id", (SESSIONS_HOLD_REF,)):
+        problems.append(f"sessions hold {hold_id}: active without an open session")
     for row_id, debit, credit, amount in query(
             "SELECT id, debit, credit, amount FROM journal WHERE amount <= 0 OR debit = credit"
             " ORDER BY id"):

@@ -16,7 +16,7 @@ Mixed into ``store.SQLStore``; the operations run inside its batches.
 from __future__ import annotations
 
 from mpay.ledger.api import (
-    MAX_REFERENCE_CHARS, SETTLEMENT, Hold, HoldResult, Outcome, TransferResult, validate_amount,
+    MAX_REFERENCE_CHARS, SESSIONS_HOLD_REF, SETTLEMENT, Hold, HoldResult, Outcome, TransferResult, validate_amount,
 )
 
 _HOLD_COLUMNS = "id, account, amount, session_ref, created, checkpointed_amount, status"
@@ -54,7 +54,8 @@ class HoldOperations:
     def _op_place_hold(self, number: str, amount: int, session_ref: str) -> HoldResult:
         reason = validate_amount(amount)
         if reason is None and (number == SETTLEMENT or not isinstance(session_ref, str)
-                               or len(session_ref) > MAX_REFERENCE_CHARS):
+                               or len(session_ref) > MAX_REFERENCE_CHARS
+                               or session_ref == SESSIONS_HOLD_REF):
             reason = "holds are for user accounts and need a session reference"
         if reason:
             return HoldResult(Outcome.INVALID, detail=reason)
@@ -85,13 +86,18 @@ class HoldOperations:
         if reason:
             return TransferResult(Outcome.INVALID, payee=payee, detail=reason)
         hold = self._x("UPDATE holds SET status = 'settled', charged = ? WHERE id = ?"
-                       " AND status = 'active' AND amount >= ? RETURNING account, amount,"
-                       " session_ref", (charge, hold_id, charge)).fetchone()
+                       " AND status = 'active' AND session_ref <> ? AND amount - spent >= ?"
+                       " RETURNING account, amount - spent, session_ref",
+                       (charge, hold_id, SESSIONS_HOLD_REF, charge)).fetchone()
         if hold is None:
             replayed = self._replay(key)
             if replayed is not None:
                 return replayed
-            row = self._x("SELECT status FROM holds WHERE id = ?", (hold_id,)).fetchone()
+            row = self._x("SELECT status, session_ref FROM holds WHERE id = ?",
+                          (hold_id,)).fetchone()
+            if row is not None and row[1] == SESSIONS_HOLD_REF:
+                return TransferResult(Outcome.INVALID, payee=payee,
+                                      detail="a sessions hold is settled session by session")
             if row is not None and row[0] == "active":
                 return TransferResult(Outcome.INVALID, payee=payee,
                                       detail="charge exceeds the hold")
@@ -117,7 +123,8 @@ class HoldOperations:
 
     def _op_release_hold(self, hold_id: int) -> bool:
         hold = self._x("UPDATE holds SET status = 'released' WHERE id = ? AND status = 'active'"
-                       " RETURNING account, amount", (hold_id,)).fetchone()
+                       " AND session_ref <> ? RETURNING account, amount - spent",
+                       (hold_id, SESSIONS_HOLD_REF)).fetchone()
         if hold is None:
             return False
         self._release(*hold)

@@ -92,15 +92,20 @@ class PostgresStore(SQLStore):
             return
         numbers: set[str] = set()
         holds: set[int] = set()
+        sessions: set[int] = set()
         for name, args in ops:
             numbers.update(args[i] for i in self.OP_ACCOUNT_ARGS.get(name, ())
                            if isinstance(args[i], str))
             holds.update(args[i] for i in self.OP_HOLD_ARGS.get(name, ()) if type(args[i]) is int)
+            sessions.update(args[i] for i in self.OP_SESSION_ARGS.get(name, ())
+                            if type(args[i]) is int)
         self._control("BEGIN")
         # Rows are locked in the order the sort emits them: one global order.
         self._x("SELECT number FROM accounts WHERE number = ANY(?) OR number IN"
-                " (SELECT account FROM holds WHERE id = ANY(?)) ORDER BY number FOR UPDATE",
-                (sorted(numbers), sorted(holds))).fetchall()
+                " (SELECT account FROM holds WHERE id = ANY(?)) OR number IN"
+                " (SELECT consumer FROM sessions WHERE id = ANY(?) UNION"
+                "  SELECT merchant FROM sessions WHERE id = ANY(?)) ORDER BY number FOR UPDATE",
+                (sorted(numbers), sorted(holds), sorted(sessions), sorted(sessions))).fetchall()
         self._control("SAVEPOINT op")
 
     def _control(self, *statements: str) -> None:

@@ -166,6 +166,23 @@ class LedgerService(Service):
     def checkpoint_hold(self, hold_id: int, amount_so_far: int) -> defer.Deferred:
         return self._write("checkpoint_hold", hold_id, amount_so_far)
 
+    def open_session(self, consumer: str, merchant: str, rate: int, session_ref: str,
+                     owner: str, dialog: str) -> defer.Deferred:
+        """Fires with a SessionResult: the session and what the consumer's sessions may spend."""
+        return self._write("open_session", consumer, merchant, rate, session_ref, owner, dialog)
+
+    def settle_session(self, session_id: int, charge: int) -> defer.Deferred:
+        """Fires with a SessionResult: the charge moved to the merchant (once)."""
+        return self._write("settle_session", session_id, charge)
+
+    def checkpoint_sessions(self, owed: list[tuple[int, int]]) -> defer.Deferred:
+        """Record (session id, owed so far) pairs, all in one transaction."""
+        return self._write("checkpoint_sessions", owed)
+
+    def recover_sessions(self, owner: str) -> defer.Deferred:
+        """Settle *owner*'s open sessions at their checkpoints: [(Session, SessionResult)]."""
+        return self._write("recover_sessions", owner)
+
     def store_device_key(self, number: str, encrypted_k: bytes,
                          ed25519_pub: bytes) -> defer.Deferred:
         return self._write("store_device_key", number, encrypted_k, ed25519_pub)
@@ -182,6 +199,9 @@ class LedgerService(Service):
 
     def open_holds(self) -> defer.Deferred:
         return self._read("open_holds")
+
+    def open_sessions(self, owner: str | None = None) -> defer.Deferred:
+        return self._read("open_sessions", owner)
 
     def device_key(self, number: str) -> defer.Deferred:
         return self._read("device_key", number)

@@ -27,6 +27,7 @@ from mpay.ledger.api import (
     validate_movement,
 )
 from mpay.ledger.holds import HoldOperations
+from mpay.ledger.sessions import SessionOperations
 
 MAX_BATCH_ATTEMPTS = 8
 """Tries of one batch that hit a deadlock, serialization failure or lock timeout."""
@@ -67,7 +68,7 @@ class _Refused(Exception):
         self.result = result
 
 
-class SQLStore(HoldOperations):
+class SQLStore(HoldOperations, SessionOperations):
     """The synchronous ledger on one DB-API connection; see the module docstring."""
 
     dialect: ClassVar[str]
@@ -233,9 +234,11 @@ class SQLStore(HoldOperations):
     # backend that locks rows one by one (PostgreSQL) locks a batch's rows up
     # front, in one global order, so two processes' batches cannot deadlock.
     OP_ACCOUNT_ARGS: ClassVar[dict[str, tuple[int, ...]]] = {
-        "transfer": (0, 1), "place_hold": (0,), "settle_hold": (2,), "set_status": (0,)}
+        "transfer": (0, 1), "place_hold": (0,), "settle_hold": (2,), "set_status": (0,),
+        "open_session": (0, 1)}
     OP_HOLD_ARGS: ClassVar[dict[str, tuple[int, ...]]] = {
         "settle_hold": (0,), "release_hold": (0,)}
+    OP_SESSION_ARGS: ClassVar[dict[str, tuple[int, ...]]] = {"settle_session": (0,)}
 
     def _op_open_account(self, number: str) -> bool:
         check_number(number)
