@@ -136,6 +136,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "signing_key": Key("var/ps_signing_key.pem", _text),
         "transfer_timer_a_s": Key("8", _positive_float),
         "charge_timer_a_s": Key("60", _positive_float),
+        "checkpoint_s": Key("5", _positive_float),
+        "instance_id": Key("ps", _text),
     },
     "ledger": {
         "backend": Key("sqlite", _backend("sqlite", "postgres")),

@@ -6,8 +6,9 @@ from twisted.trial import unittest
 from mpay.payment.charging import (
     CHARGE_TIMER_A_S, ByeBoth, CancelConsumer, CancelTimer, Charge, ChargeRequest, ChargeState,
     Done, ForwardBye, OpenSession, RelayAck, SessionStarted, Settle, StartTimer, ToMerchant,
-    charge_for, describe, exhaustion_delay_s, split_exhausted,
+    charge_for, describe,
 )
+from mpay.payment.charged_by_time import ConsumerSessions, share
 
 MERCHANT, CONSUMER = "+886223334444", "+886912345678"
 
@@ -68,24 +69,37 @@ class ChargedByTimeTests(unittest.TestCase):
     def test_session_ended_by_the_consumer(self):
         charge = timed()
         self.open_session(charge)
-        self.assertEqual(charge.bye("consumer"), [ForwardBye("merchant")])
-        self.assertEqual(charge.state, ChargeState.WAIT_BYE, "unchanged until the 200")
-        self.assertEqual(charge.bye("consumer"), [], "a second BYE is not forwarded twice")
-        self.assertEqual(charge.bye_answered(), [CancelTimer("C"), Settle(exhausted=False),
-                                                 Done("ended by consumer")])
+        self.assertEqual(charge.bye("consumer"), [Settle(exhausted=False), ForwardBye("merchant"),
+                                                  Done("ended by consumer")])
+        self.assertEqual(charge.state, ChargeState.TERMINATE)
+        self.assertEqual(charge.bye("consumer"), [], "a second BYE is not settled twice")
+        self.assertEqual(charge.bye("merchant"), [], "nor a BYE that crossed it")
 
     def test_session_ended_by_the_merchant(self):
         charge = timed()
         self.open_session(charge)
-        self.assertEqual(charge.bye("merchant"), [ForwardBye("consumer")])
-        self.assertEqual(charge.bye_answered()[-1], Done("ended by merchant"))
+        self.assertEqual(charge.bye("merchant"), [Settle(exhausted=False), ForwardBye("consumer"),
+                                                  Done("ended by merchant")])
 
     def test_timer_c_ends_it_towards_both_sides(self):
         charge = timed()
         self.open_session(charge)
-        self.assertEqual(charge.timer("C"), [ByeBoth(), Settle(exhausted=True), Done("exhausted")])
+        self.assertEqual(charge.timer("C"), [Settle(exhausted=True), ByeBoth(), Done("exhausted")])
         self.assertEqual(charge.bye("consumer"), [])
-        self.assertEqual(charge.bye_answered(), [])
+
+    def test_a_session_the_merchant_never_acknowledged_ends_unpaid(self):
+        charge = timed()
+        charge.start()
+        charge.consumer_answered(200)
+        charge.charged(True)
+        self.assertEqual(charge.timer("ACK"), [Settle(exhausted=False), ByeBoth(), Done("no ACK")])
+
+    def test_an_event_charge_whose_ack_is_lost_is_still_charged(self):
+        charge = event()
+        charge.start()
+        charge.consumer_answered(200)
+        charge.charged(True)
+        self.assertEqual(charge.timer("ACK"), [Done("charged")])
 
     def test_stale_events_change_nothing(self):
         charge = timed()
@@ -107,15 +121,47 @@ class SessionArithmeticTests(unittest.TestCase):
         self.assertEqual(charge_for(10, 0.3), 3, "float noise is not a started unit")
 
     def test_two_sessions_share_one_exhaustion_time(self):
-        delay = exhaustion_delay_s(1000, [3, 7])
-        self.assertEqual(delay, 100.0)
-        self.assertEqual(split_exhausted(1000, [(3, delay), (7, delay)]), [300, 700])
+        sessions = ConsumerSessions(CONSUMER, unspent=1000)
+        sessions.start("a", 3, now=0.0)
+        sessions.start("b", 7, now=0.0)
+        self.assertEqual(sessions.exhaustion_delay_s(0.0), 100.0)
+        self.assertEqual(sessions.exhaust(100.0), {"a": 300, "b": 700})
+        self.assertEqual(sessions.unspent, 0)
 
-    @given(st.integers(0, 10**6), st.lists(st.tuples(st.integers(1, 10**4),
-                                                      st.floats(0, 10**4, allow_nan=False)),
-                                            min_size=1, max_size=6))
-    def test_exhausted_sessions_never_charge_more_than_was_available(self, available, sessions):
-        charges = split_exhausted(available, sessions)
-        owed = [charge_for(rate, elapsed) for rate, elapsed in sessions]
-        self.assertEqual(sum(charges), min(available, sum(owed)))
-        self.assertTrue(all(0 <= c <= o for c, o in zip(charges, owed)))
+    def test_timer_c_is_recomputed_when_a_session_starts_or_ends(self):
+        sessions = ConsumerSessions(CONSUMER, unspent=1000)
+        self.assertIsNone(sessions.exhaustion_delay_s(0.0))
+        sessions.start("a", 10, now=0.0)
+        self.assertEqual(sessions.exhaustion_delay_s(0.0), 100.0)
+        sessions.start("b", 10, now=20.0)           # 200 used by a: 800 left for 20/s
+        self.assertEqual(sessions.exhaustion_delay_s(20.0), 40.0)
+        self.assertEqual(sessions.end("a", 30.0), 300)
+        self.assertEqual(sessions.unspent, 700)      # b has used 100 of it
+        self.assertEqual(sessions.exhaustion_delay_s(30.0), 60.0)
+
+    def test_a_bye_is_charged_rate_times_elapsed_rounded_up_within_the_hold(self):
+        sessions = ConsumerSessions(CONSUMER, unspent=100)
+        sessions.start("a", 3, now=0.0)
+        self.assertEqual(sessions.end("a", 10.2), 31)
+        sessions.start("b", 3, now=0.0)
+        self.assertEqual(sessions.end("b", 1000.0), 69, "never more than the hold has left")
+        self.assertEqual(sessions.end("never-started", 5.0), 0)
+
+    def test_checkpoints_owe_what_was_used_within_the_hold(self):
+        sessions = ConsumerSessions(CONSUMER, unspent=50)
+        sessions.start("a", 2, now=0.0)
+        sessions.start("b", 3, now=0.0)
+        self.assertEqual(sessions.checkpoint(4.5), {"a": 9, "b": 14})
+        self.assertEqual(sessions.checkpoint(20.0), {"a": 20, "b": 30})
+        self.assertEqual(sum(sessions.checkpoint(10.1).values()), 50, "rounding up stays within")
+
+    @given(st.integers(0, 10**6), st.dictionaries(st.integers(0, 9), st.floats(0, 10**6, allow_nan=False),
+                                                  min_size=1, max_size=6))
+    def test_sharing_hands_out_exactly_the_total_in_proportion(self, total, weights):
+        charges = share(total, weights)
+        self.assertEqual(sum(charges.values()), total if sum(weights.values()) > 0 else 0)
+        whole = sum(weights.values())
+        for key, weight in weights.items():
+            self.assertGreaterEqual(charges[key], 0)
+            if whole > 0:
+                self.assertLessEqual(abs(charges[key] - total * weight / whole), 1.0 + 1e-6)

@@ -4,18 +4,24 @@
                            │ 1xx: relayed                                          │ merchant ACK
                            │ 603: 603 to the merchant                  event: Complete ──> Terminate
                            │ Timer A: 408 to the merchant                 timed: WaitBYE
-                           v                                                       │ BYE either side: forwarded
-                         Terminate                             200 from the other side, or Timer C
-                                                               (BYE to both): settle ──> Complete
+                           v                                                       │
+                         Terminate           BYE from either side: settle, forward it;
+                                             Timer C: settle, BYE to both ──> Complete ──> Terminate
 
 A merchant's RECEIVE names a consumer (a number, or an OTCN already resolved
 by the caller).  The PS forwards it; the person confirms on the phone.  For
 *event charging* the amount moves when the consumer's 200 arrives; for
 *charged by time* the 200 opens a session whose charge is rate x elapsed,
-settled when a BYE completes or when **Timer C** (the consumer's money runs
-out) fires.  Sans-IO: events in, effects out; the glue in the PS carries
-them out (SIP messages, the ledger, timers on the wheel).  Which effects
-exist is listed below; no effect names a transport or a clock.
+settled when either side sends BYE or when **Timer C** (the consumer's money
+runs out, computed in :mod:`mpay.payment.charged_by_time`) fires.
+
+The charge of a BYE is settled when the BYE arrives, and the BYE is then
+forwarded with the receipt: the sender gets its 200 at once, and a silent
+other side (gone, out of coverage) cannot keep the money in suspense.
+
+Sans-IO: events in, effects out; the glue in the PS carries them out (SIP
+messages, the ledger, timers on the wheel).  No effect names a transport or
+a clock.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ class RelayAck:
 
 @dataclass(frozen=True)
 class SessionStarted:
-    """Count the elapsed time from now; the glue arms Timer C for this consumer's sessions."""
+    """Count the elapsed time from now; the glue re-arms Timer C for this consumer's sessions."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,12 @@ class ForwardBye:
 
 @dataclass(frozen=True)
 class ByeBoth:
-    """Timer C: the money ran out; the PS ends the session towards both sides."""
+    """The PS ends the session towards both sides (Timer C, or no ACK)."""
 
 
 @dataclass(frozen=True)
 class Settle:
-    """Close the session: charge ``rate x elapsed`` (``exhausted``: exactly what was available)."""
+    """Close the session: charge ``rate x elapsed`` (``exhausted``: its share of what was left)."""
     exhausted: bool
 
 
@@ -158,7 +164,12 @@ class ChargeRequest:
             return self._end("unanswered", [CancelConsumer(), ToMerchant(408, "Consumer Did Not Answer")])
         if name == "C" and self.state is ChargeState.WAIT_BYE:
             self.bye_from = "server"
-            return self._end("exhausted", [ByeBoth(), Settle(exhausted=True)])
+            return self._end("exhausted", [Settle(exhausted=True), ByeBoth()])
+        if name == "ACK" and self.state is ChargeState.WAIT_ACK:
+            if not self.timed:       # the money moved; only the relay of the ACK is lost
+                return self._end("charged", [])
+            self.bye_from = "server"  # a session nobody started: nothing owed, end both dialogs
+            return self._end("no ACK", [Settle(exhausted=False), ByeBoth()])
         return []
 
     def merchant_ack(self) -> list:
@@ -170,18 +181,13 @@ class ChargeRequest:
         return [RelayAck(), SessionStarted()]
 
     def bye(self, side: str) -> list:
-        """A BYE from ``side`` ("consumer" or "merchant"): forwarded; the state waits for the 200."""
+        """A BYE from ``side`` ("consumer" or "merchant"): settled now, then forwarded."""
         assert side in ("consumer", "merchant")
-        if self.state is not ChargeState.WAIT_BYE or self.bye_from is not None:
+        if not self.timed or self.state not in (ChargeState.WAIT_BYE, ChargeState.WAIT_ACK):
             return []
         self.bye_from = side
-        return [ForwardBye("merchant" if side == "consumer" else "consumer")]
-
-    def bye_answered(self) -> list:
-        """The other side's 200 to the forwarded BYE: the session is over, charge it."""
-        if self.state is not ChargeState.WAIT_BYE or self.bye_from in (None, "server"):
-            return []
-        return self._end(f"ended by {self.bye_from}", [CancelTimer("C"), Settle(exhausted=False)])
+        return self._end(f"ended by {side}", [Settle(exhausted=False),
+                                              ForwardBye("merchant" if side == "consumer" else "consumer")])
 
     def _end(self, outcome: str, effects: list) -> list:
         self.outcome = outcome
@@ -197,36 +203,6 @@ _ALLOWED: dict[ChargeState, set[ChargeState]] = {
     ChargeState.COMPLETE: {ChargeState.TERMINATE},
     ChargeState.TERMINATE: set(),
 }
-
-
-def exhaustion_delay_s(available: int, rates: list[int]) -> float:
-    """Seconds until a consumer's sessions, together, have spent ``available`` (Timer C).
-
-    Several sessions share one balance: now + available / sum(rates), recomputed
-    for all of them whenever one starts or ends.
-    """
-    total = sum(rates)
-    assert total > 0 and available >= 0
-    return available / total
-
-
-def split_exhausted(available: int, rates_and_elapsed: list[tuple[int, float]]) -> list[int]:
-    """Charges for sessions that end together at Timer C: exactly ``available`` in all.
-
-    Each owes rate x elapsed rounded up; rounding may overshoot what there is,
-    so the remainder is taken off the largest charges first (no money made).
-    """
-    charges = [charge_for(rate, elapsed) for rate, elapsed in rates_and_elapsed]
-    excess = sum(charges) - available
-    order = sorted(range(len(charges)), key=lambda i: -charges[i])
-    for i in order:
-        if excess <= 0:
-            break
-        take = min(excess, charges[i])
-        charges[i] -= take
-        excess -= take
-    assert sum(charges) <= available
-    return charges
 
 
 def describe(request: ChargeRequest) -> dict[str, Any]:

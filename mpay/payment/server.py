@@ -2,8 +2,8 @@
 
 Every request but OPTIONS is authenticated by ticket + authenticator; the
 registrar binds devices to their location; MESSAGE carries credit transfers
-and OTCN requests, told apart by Content-Type.
-Charging (RECEIVE) joins here with its issue.
+and OTCN requests, told apart by Content-Type; RECEIVE charges a consumer
+(event charging, or a session charged by time that BYE ends).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class PaymentServer:
         registrar.on_registered.append(transfer.deliver_queued)
         # MESSAGE carries several services; its Content-Type says which.
         self.messages = {TRANSFER_CONTENT_TYPE: transfer, OTCN_REQUEST_CONTENT_TYPE: otcn}
-        self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message, "RECEIVE": charges}
+        self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message, "RECEIVE": charges,
+                         "BYE": charges.bye}
 
     def message(self, txn: ServerTransaction, request: Request) -> None:
         handler = self.messages.get(media_type(request))

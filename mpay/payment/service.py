@@ -2,7 +2,8 @@
 
     ps (MultiService)
     |-- redis              only with [location] backend = redis: the pool (locations, OTCNs)
-    `-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer (registrar, transfer)
+    |-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer (registrar, transfer, charges)
+    `-- ps-sessions        timed sessions: checkpoints; at start, settles what a crash left open
 
 The ledger service is the tree's, shared with the AS (device keys).
 """
@@ -12,11 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
 
 from mpay.auth.devicekeys import LedgerDeviceKeyStore
 from mpay.auth.keyfiles import ensure_signing_key
 from mpay.auth.service import k_ps_ring, ticket_verifier
 from mpay.config import Config
+from mpay.ledger.api import LedgerStopped
 from mpay.payment.notices import NoticeQueue
 from mpay.payment.guard import MemoryGuessGuard, RedisGuessGuard
 from mpay.payment.otcn_request import OTCNIssuer
@@ -39,6 +43,34 @@ class RedisService(service.Service):
     def stopService(self):
         super().stopService()
         return self.pool.disconnect()
+
+
+class SessionService(service.Service):
+    """Timed sessions: checkpoints while running; at start, settle what a crash left open."""
+
+    log = Logger()
+
+    def __init__(self, charges: ChargeService, ledger: Any):
+        self.charges = charges
+        self.ledger = ledger
+        self.recovered: defer.Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.charges.start()
+        self.recovered = self.ledger.whenOpen().addCallback(
+            lambda _: self.charges.sessions.recover())
+        self.recovered.addErrback(self._not_recovered)
+
+    def _not_recovered(self, failure: Any) -> None:
+        if failure.check(LedgerStopped):   # stopped before the ledger opened: next start
+            return
+        self.log.failure("ps: open sessions not recovered (they will be at the next start)",
+                         failure)
+
+    def stopService(self):
+        super().stopService()
+        self.charges.stop()
 
 
 def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
@@ -70,7 +102,8 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
     charges = ChargeService(
         authenticate=registrar.authenticate, ledger=ledger, locations=locations, otcns=otcns,
         guard=guard, ps_key=ps_key, currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
-        timers=timers, timer_a_s=cfg["ps"]["charge_timer_a_s"])
+        timers=timers, clock=reactor.seconds, timer_a_s=cfg["ps"]["charge_timer_a_s"],
+        owner=cfg["ps"]["instance_id"], checkpoint_s=cfg["ps"]["checkpoint_s"])
     core = PaymentServer(registrar, transfer,
                          OTCNIssuer(registrar.authenticate, otcns, cfg["otcn"]["lifetime_s"]), charges)
     sip = cfg["sip"]
@@ -78,5 +111,8 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
                                       sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
     transfer.endpoint = charges.endpoint = endpoint
     listener.setServiceParent(parent)
+    sessions = SessionService(charges, ledger)
+    sessions.setName("ps-sessions")
+    sessions.setServiceParent(parent)  # after the listener: recovery sends BYEs
     parent.core, parent.listener, parent.locations, parent.otcns = core, listener, locations, otcns
     return parent, endpoint
