@@ -27,6 +27,7 @@ from mpay.ledger.api import (
     validate_movement,
 )
 from mpay.ledger.holds import HoldOperations
+from mpay.ledger.notices import NoticeOperations
 
 MAX_BATCH_ATTEMPTS = 8
 """Tries of one batch that hit a deadlock, serialization failure or lock timeout."""
@@ -67,7 +68,7 @@ class _Refused(Exception):
         self.result = result
 
 
-class SQLStore(HoldOperations):
+class SQLStore(HoldOperations, NoticeOperations):
     """The synchronous ledger on one DB-API connection; see the module docstring."""
 
     dialect: ClassVar[str]
