@@ -15,6 +15,7 @@ from mpay.sim.device import Device, DeviceState
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.message import Request, parse
 from mpay.sip.transport import UDPListenerService
+from mpay.timewheel import TimeWheel, TimeWheelService
 
 
 class Recorder:
@@ -68,8 +69,16 @@ class MpayFixture:
                         f"ps.signing_key={self.dir}/ps.pem",
                         f"ledger.sqlite_path={self.dir}/ledger.sqlite3") + settings:
             args += ["--set", setting]
+        self.args = args
+        self._build()
+        # The devices' own timers: they outlive a restart of the servers.
+        self.device_timers = TimeWheelService(TimeWheel(tick_s=self.top.wheel.tick_s))
+        self.device_timers.startService()
+        testcase.addCleanup(self.device_timers.stopService)
+
+    def _build(self, *listen: str) -> None:
         options = tap.Options()
-        options.parseOptions(args)
+        options.parseOptions(self.args + list(listen))
         self.config = options.config
         self.top = tap.makeService(options)
         self.as_core = self.top.cores["as"]
@@ -78,10 +87,21 @@ class MpayFixture:
 
     @defer.inlineCallbacks
     def start(self):
-        self.top.startService()
-        self.testcase.addCleanup(self.top.stopService)
+        top = self.top
+        top.startService()
+        self.testcase.addCleanup(lambda: top.stopService() if top.running else None)
         # The receiver must have switched caller-ID reports on before anyone calls.
         yield self.modem.wait_for_command("AT+VCID=1")
+
+    @defer.inlineCallbacks
+    def restart(self):
+        """Stop the servers and start new ones on the same files (ledger, keys) and ports:
+        what survives is what is on disk; the devices keep their state and addresses."""
+        as_port, ps_port = self.address("as")[1], self.address("ps")[1]
+        yield self.top.stopService()
+        self._build("--as-listen", f"udp:{as_port}:interface=127.0.0.1",
+                    "--ps-listen", f"udp:{ps_port}:interface=127.0.0.1")
+        yield self.start()
 
     @defer.inlineCallbacks
     def ready(self, number: str):
@@ -94,9 +114,10 @@ class MpayFixture:
 
     @defer.inlineCallbacks
     def eventually(self, predicate, tries: int = 100, every_s: float = 0.05):
-        """Wait (bounded) for something the servers do after answering."""
+        """Wait (bounded) for something the servers do after answering; *predicate*
+        may return a Deferred (e.g. a ledger query)."""
         for _ in range(tries):
-            if predicate():
+            if (yield defer.maybeDeferred(predicate)):
                 return
             yield task.deferLater(reactor, every_s, lambda: None)
         self.testcase.fail("condition never held")
@@ -118,7 +139,7 @@ class MpayFixture:
                         pinned_as_key=pinned, ring=ring or self.ring, clock=reactor.seconds,
                         reactor=reactor, state_path=os.path.join(self.dir, f"{number}.json"),
                         pinned_ps_key=ps_key)
-        endpoint = SIPEndpoint("dmd", device, self.top.timers)
+        endpoint = SIPEndpoint("dmd", device, self.device_timers)
         device.endpoint = endpoint
         listener = UDPListenerService("udp:0:interface=127.0.0.1", endpoint, reactor=reactor)
         listener.startService()

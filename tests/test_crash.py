@@ -26,7 +26,7 @@ import sqlite3
 import tempfile
 import time
 
-from twisted.internet import defer, reactor, utils
+from twisted.internet import defer, reactor, task, utils
 from twisted.logger import Logger
 from twisted.trial import unittest
 
@@ -55,6 +55,12 @@ FINAL_TRANSFER_MINOR = 100
 
 TOP_UP_MINOR = TRANSFERS * MAX_TRANSFER_MINOR + FINAL_TRANSFER_MINOR
 """Enough for every transfer: a refusal for want of credit would be a bug here."""
+
+NOTICE_WAIT_TRIES = 100
+"""Looks for a notice, sent after the PS answered the payee's REGISTER, before giving up."""
+
+NOTICE_WAIT_S = 0.05
+"""Pause between those looks."""
 
 COMMITTED = (200, 202)
 """Both mean the money moved (202: payee offline, notice queued)."""
@@ -141,6 +147,27 @@ class CrashTests(unittest.TestCase):
         yield self.start_server()
         yield payee.register()
         return (yield self.admin("audit"))
+
+    @defer.inlineCallbacks
+    def test_kill_9_keeps_a_queued_notice(self):
+        """202 "Notice Queued" is a promise on disk: the payee is told after a kill -9."""
+        devices = Devices(self, reactor, self.servers[0])
+        payer = yield devices.ready(PAYER)
+        payee = yield devices.ready(PAYEE)
+        code, output = yield self.admin("topup", PAYER, str(FINAL_TRANSFER_MINOR))
+        self.assertEqual(code, 0, output)
+        yield payee.register(expires_s=0)
+        response, receipt = yield payer.transfer(PAYEE, FINAL_TRANSFER_MINOR)
+        self.assertEqual(response.status, 202)
+        yield self.servers[-1].kill()
+        yield self.start_server()
+        yield payee.register()
+        for _ in range(NOTICE_WAIT_TRIES):
+            if payee.notices:
+                break
+            yield task.deferLater(reactor, NOTICE_WAIT_S, lambda: None)
+        self.assertEqual([(n["journal_id"], n["amount"]) for n in payee.notices],
+                         [(receipt.journal_id, FINAL_TRANSFER_MINOR)])
 
     @defer.inlineCallbacks
     def test_kill_9_under_transfer_load_loses_nothing_answered(self):

@@ -3,6 +3,7 @@
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mpay import e164
 from mpay.auth.tickets import AUTHENTICATOR_HEADER, TICKET_HEADER
 from mpay.payment.receipt import SIGNATURE_HEADER
 from mpay.payment.transfer import ANONYMOUS, ANONYMOUS_URI
@@ -33,6 +34,11 @@ class TransferTests(unittest.TestCase):
         payer = yield self.ledger.balance(PAYER)
         payee = yield self.ledger.balance(PAYEE)
         return payer.balance, payee.balance
+
+    def queued(self):
+        """The journal ids of the notices queued for the payee, in the ledger."""
+        waiting = self.ledger.queued_notices(PAYEE)
+        return waiting.addCallback(lambda notices: [n.journal_id for n in notices])
 
     @defer.inlineCallbacks
     def refused(self, attempt, expected):
@@ -98,11 +104,61 @@ class TransferTests(unittest.TestCase):
         self.assertEqual(self.payee.notices[0]["amount"], 250)
 
     @defer.inlineCallbacks
+    def test_credit_transfer_queued_notice_survives_a_ps_restart(self):
+        """202, the PS stops, a new one starts on the same ledger: the payee is still told."""
+        yield self.payee.register(expires_s=0)
+        response, receipt = yield self.payer.transfer(PAYEE, 250)
+        self.assertEqual((response.status, response.reason), (202, "Payee Offline, Notice Queued"))
+        yield self.mpay.restart()
+        self.ledger = self.mpay.top.ledger
+        self.assertEqual((yield self.queued()), [receipt.journal_id])
+        yield self.payee.register()
+        yield self.mpay.eventually(lambda: len(self.payee.notices) == 1)
+        (notice,) = self.payee.notices          # its receipt verified with the pinned PS key
+        self.assertEqual((notice["journal_id"], notice["from"], notice["amount"]),
+                         (receipt.journal_id, PAYER, 250))
+        self.assertEqual(notice["from_header"], e164.sip_uri(PAYER, self.mpay.config["server"]["domain"]))
+        yield self.mpay.eventually(lambda: self.queued().addCallback(lambda ids: ids == []))
+        self.assertEqual((yield self.balances()), (750, 250))
+
+    @defer.inlineCallbacks
+    def test_queued_notice_stays_queued_until_the_payee_answers_2xx(self):
+        yield self.payee.register(expires_s=0)
+        _, receipt = yield self.payer.transfer(PAYEE, 40)
+        on_notice = self.payee.handlers["MESSAGE"]
+        refused = []
+
+        def busy(txn, request):
+            refused.append(request)
+            txn.respond_with(486, "Busy Here")
+
+        self.payee.handlers["MESSAGE"] = busy
+        yield self.payee.register()
+        yield self.mpay.eventually(lambda: refused)
+        self.assertEqual((yield self.queued()), [receipt.journal_id], "not answered 2xx: kept")
+        self.payee.handlers["MESSAGE"] = on_notice
+        yield self.payee.register()
+        yield self.mpay.eventually(lambda: len(self.payee.notices) == 1)
+        self.assertEqual(self.payee.notices[0]["journal_id"], receipt.journal_id)
+        yield self.mpay.eventually(lambda: self.queued().addCallback(lambda ids: ids == []))
+
+    @defer.inlineCallbacks
     def test_credit_transfer_payee_silent_until_timer_a_gets_202(self):
         self.payee.handlers["MESSAGE"] = lambda txn, request: None   # online, never confirms
         response, _ = yield self.payer.transfer(PAYEE, 100)
         self.assertEqual(response.status, 202)
         self.assertEqual((yield self.balances()), (900, 100))
+
+    @defer.inlineCallbacks
+    def test_notice_confirmed_after_timer_a_leaves_the_queue(self):
+        on_notice, held = self.payee.handlers["MESSAGE"], []
+        self.payee.handlers["MESSAGE"] = lambda txn, request: held.append((txn, request))
+        response, receipt = yield self.payer.transfer(PAYEE, 100)
+        self.assertEqual(response.status, 202)
+        self.assertEqual((yield self.queued()), [receipt.journal_id])
+        on_notice(*held[0])                     # the payee answers 200, late
+        yield self.mpay.eventually(lambda: self.queued().addCallback(lambda ids: ids == []))
+        self.assertEqual(self.payee.notices[0]["journal_id"], receipt.journal_id)
 
     @defer.inlineCallbacks
     def test_concealed_payer_is_never_shown_to_the_payee(self):
@@ -167,3 +223,4 @@ class TransferTests(unittest.TestCase):
         self.assertEqual((again.status, again.reason), (202, "Payee Offline, Notice Queued"))
         self.assertIn(f"journal_id\": {first.journal_id}".encode(), again.body)
         self.assertEqual((yield self.balances()), (930, 70), "one debit")
+        self.assertEqual((yield self.queued()), [first.journal_id], "the payee is told again")

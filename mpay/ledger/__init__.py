@@ -3,7 +3,8 @@
 ``api`` holds the types and limits, ``store`` the rules in SQL, ``sqlite`` and
 ``postgres`` the two backends, ``writer`` the group-commit thread, ``service``
 the Deferred-returning ``LedgerService``, ``audit`` the proof that the books
-balance, ``migrate`` the versioned schema.
+balance, ``migrate`` the versioned schema, ``holds`` and ``notices`` the
+reservations of timed sessions and the notices waiting for offline payees.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from mpay.ledger.api import (
     ACTIVE, BLOCKED_STATUS, SETTLEMENT, STATEMENT_ROWS, LedgerError, LedgerStopped,
 )
+from mpay.ledger.notices import MAX_QUEUED_NOTICES_PER_PAYEE
 from mpay.ledger.store import SQLStore
 from mpay.ledger.writer import MAX_PENDING, GroupCommitWriter, OpenStore
 
@@ -214,3 +215,19 @@ class LedgerService(Service):
         return {"pending": self.writer.pending, "batches": self.writer.batches,
                 "operations": self.writer.operations,
                 "largest_batch": self.writer.largest_batch, "retries": self.writer.retries}
+
+    # -- notices for offline payees (notices.py) ----------------------------
+
+    def queue_notice(self, payee: str, journal_id: int, from_uri: str, body: bytes,
+                     max_per_payee: int = MAX_QUEUED_NOTICES_PER_PAYEE) -> defer.Deferred:
+        """Fires with a NoticeQueued (the journal ids dropped to keep the bound)."""
+        return self._write("queue_notice", payee, journal_id, from_uri, body, max_per_payee)
+
+    def discard_notice(self, payee: str, journal_id: int) -> defer.Deferred:
+        """Fires with False if that notice was not queued (any more)."""
+        return self._write("discard_notice", payee, journal_id)
+
+    def queued_notices(self, payee: str,
+                       limit: int = MAX_QUEUED_NOTICES_PER_PAYEE) -> defer.Deferred:
+        """Fires with the Notices waiting for *payee*, oldest first."""
+        return self._read("queued_notices", payee, limit)

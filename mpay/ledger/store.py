@@ -27,6 +27,7 @@ from mpay.ledger.api import (
     validate_movement,
 )
 from mpay.ledger.holds import HoldOperations
+from mpay.ledger.notices import NoticeOperations
 from mpay.ledger.sessions import SessionOperations
 
 MAX_BATCH_ATTEMPTS = 8
@@ -68,7 +69,7 @@ class _Refused(Exception):
         self.result = result
 
 
-class SQLStore(HoldOperations, SessionOperations):
+class SQLStore(HoldOperations, SessionOperations, NoticeOperations):
     """The synchronous ledger on one DB-API connection; see the module docstring."""
 
     dialect: ClassVar[str]

@@ -94,7 +94,7 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
     registrar = Registrar(ticket_verifier(cfg, k_ps_ring(cfg)), locations, reactor.seconds)
     transfer = CreditTransfer(
         authenticate=registrar.authenticate, ledger=ledger, device_keys=LedgerDeviceKeyStore(ledger),
-        locations=locations, notices=NoticeQueue(), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
+        locations=locations, notices=NoticeQueue(ledger), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,
         timer_a_s=cfg["ps"]["transfer_timer_a_s"])

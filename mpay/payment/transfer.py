@@ -11,7 +11,9 @@
 
 The thesis answered 408 when the payee stayed silent; that invites the payer
 to pay again although the money has moved, so the design answers 202 and
-delivers the notice when the payee next registers.  A request re-sent after
+delivers the notice when the payee next registers: queued notices are kept
+in the ledger database (``notices.py``), so a restart of the PS loses none,
+and each is sent until the payee's device answers 2xx.  A request re-sent after
 its response was lost (same payer, Call-ID, CSeq) meets the ledger's
 idempotency key and gets the original receipt, never a second debit; the
 payee is told again (devices drop a journal id they have seen).
@@ -225,37 +227,52 @@ class CreditTransfer:
 
     @defer.inlineCallbacks
     def _notify_payee(self, flow: TransferFlow, receipt: receipts.Receipt, conceal: bool):
-        """(status, reason) for the payer: 200 once the payee confirmed, else 202."""
+        """(status, reason) for the payer: 200 once the payee confirmed, else 202 once the
+        notice is queued in the ledger (if that fails, the payer's 503 invites a safe re-send)."""
+        payee, journal_id = receipt.payee, receipt.journal_id
         notice = (ANONYMOUS_URI if conceal else e164.sip_uri(receipt.payer, self.domain),
                   self.notice(receipt, conceal))
-        binding = yield self.locations.lookup(receipt.payee)
+        binding = yield self.locations.lookup(payee)
         if binding is None:
-            self.notices.push(receipt.payee, notice)
+            yield self.notices.push(payee, journal_id, notice)
             flow.advance(TransferState.QUEUED)
             return (202, "Payee Offline, Notice Queued")
         flow.advance(TransferState.WAIT_PAYEE)
+        delivered = self._send_notice(payee, (binding.host, binding.port), notice)
+        confirmed = yield self._within_timer_a(delivered)
+        if not confirmed:
+            queued = self.notices.push(payee, journal_id, notice)
+
+            def late(confirmed: bool) -> None:
+                if confirmed:   # after Timer A, but it did arrive: the queued copy may go
+                    queued.addCallback(lambda _: self.notices.discard(payee, journal_id))
+                    queued.addErrback(lambda failure: self.log.failure(
+                        "ps: a confirmed notice stays queued", failure))
+
+            delivered.addCallback(late)
+            yield queued
+        flow.advance(TransferState.CONFIRMED if confirmed else TransferState.QUEUED)
+        return (200, "OK") if confirmed else (202, "Payee Offline, Notice Queued")
+
+    def _within_timer_a(self, delivered: defer.Deferred) -> defer.Deferred:
+        """Fires with *delivered*'s answer, or with False when Timer A runs out first;
+        *delivered* goes on to fire with the payee's answer, however late."""
         answer: defer.Deferred = defer.Deferred()
 
         def timer_a() -> None:
             if not answer.called:
-                self.notices.push(receipt.payee, notice)
                 answer.callback(False)
 
         timer = self.timers.start(self.timer_a_s, timer_a)
 
-        def answered(confirmed: bool) -> None:
+        def answered(confirmed: bool) -> bool:
             if not answer.called:
                 timer.cancel()
-                if not confirmed:
-                    self.notices.push(receipt.payee, notice)
                 answer.callback(confirmed)
-            elif confirmed:
-                self.notices.discard(receipt.payee, notice)   # late, but it did arrive
+            return confirmed
 
-        self._send_notice(receipt.payee, (binding.host, binding.port), notice).addCallback(answered)
-        confirmed = yield answer
-        flow.advance(TransferState.CONFIRMED if confirmed else TransferState.QUEUED)
-        return (200, "OK") if confirmed else (202, "Payee Offline, Notice Queued")
+        delivered.addCallback(answered)
+        return answer
 
     def _send_notice(self, payee: str, addr: tuple[str, int], notice: tuple[str, bytes]) -> defer.Deferred:
         """Fires with True when the payee's device confirmed with a 2xx, else False."""
@@ -274,11 +291,23 @@ class CreditTransfer:
 
         return sent.addErrback(unreachable)
 
-    def deliver_queued(self, number: str, binding: Any) -> None:
-        """The payee registered: send what waited for it (queued again if it stays silent)."""
-        for notice in self.notices.take(number):
-            def settled(confirmed: bool, notice=notice) -> None:
-                if not confirmed:
-                    self.notices.push(number, notice)
+    def deliver_queued(self, number: str, binding: Any) -> defer.Deferred:
+        """The payee registered: send what waited for it.  Each notice stays queued until
+        the device answers 2xx; fires when every one has been answered or timed out."""
+        addr = (binding.host, binding.port)
 
-            self._send_notice(number, (binding.host, binding.port), notice).addCallback(settled)
+        def send(notices: list) -> defer.Deferred:
+            sends = []
+            for notice in notices:
+                def settled(confirmed: bool, journal_id: int = notice.journal_id) -> Any:
+                    return self.notices.discard(number, journal_id) if confirmed else None
+
+                sent = self._send_notice(number, addr, (notice.from_uri, notice.body))
+                sends.append(sent.addCallback(settled))
+            return defer.gatherResults(sends, consumeErrors=True)
+
+        work = self.notices.waiting(number).addCallback(send)
+        work.addErrback(lambda failure: self.log.failure(
+            "ps: queued notices for {number} not delivered (still queued)", failure,
+            number=number))
+        return work
