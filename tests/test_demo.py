@@ -25,4 +25,7 @@ class DemoTests(unittest.TestCase):
         self.assertIn("merchant got 200 OK, from <sip:anonymous@anonymous.invalid>", text)
         self.assertIn("the same OTCN again: 404 Unknown OTCN", text)
         self.assertIn("balances: consumer 6000, payee 2800, merchant 1200", text)
+        self.assertIn("consumer's phone: pay 100 per second to +886223334444? yes", text)
+        self.assertIn('Credit Exhausted', text)
+        self.assertIn("balances: consumer 0, payee 2800, merchant 7200", text)
         self.assertIn("audit OK", text)

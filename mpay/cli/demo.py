@@ -2,9 +2,10 @@
 
 Enrols a consumer, a payee and a merchant through the simulated caller-ID
 modem, tops the consumer up through the settlement account, then walks a
-credit transfer, a concealed transfer and an anonymous event charge by OTCN,
-printing each step, its outcome and the balances, and ends with the audit.
-Charged-by-time sessions join when they land (issue 6).
+credit transfer, a concealed transfer, an anonymous event charge by OTCN and
+two sessions charged by time (one ended by the merchant's BYE, one by Timer C
+when the consumer's money runs out), printing each step, its outcome and the
+balances, and ends with the audit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from mpay.sim.device import DeviceState
 
 CONSUMER, PAYEE, MERCHANT = "+886912345678", "+886987654321", "+886223334444"
 TOP_UP_MINOR = 10_000
+SESSION_RATE_PER_S = 100          # the first timed session: ended by the merchant
+SESSION_LENGTH_S = 1.5
+EXHAUSTING_RATE_PER_S = 2_000     # the second: runs until the consumer's money is gone
+POLL_S = 0.1
+MAX_SESSION_WAIT_S = 30.0
 
 
 @defer.inlineCallbacks
@@ -74,6 +80,32 @@ def demo(reactor, cfg: mpay_config.Config, state_dir: str = "var", out=print):
               f"{response.headers.get('P-Asserted-Identity')}")
         response = yield merchant.charge(grant["otcn"], 1200)
         out(f"   the same OTCN again: {response.status} {response.reason}")
+        balances()
+
+        step(f"charged by time: a session at {SESSION_RATE_PER_S} per second, "
+             f"the merchant hangs up after {SESSION_LENGTH_S} s")
+        consumer.charge_policy = lambda asked: (out(
+            f"   consumer's phone: pay {asked['rate']} per second to {asked['merchant']}? yes")
+            or 200)
+        response = yield merchant.charge(CONSUMER, rate=SESSION_RATE_PER_S)
+        out(f"   merchant got {response.status} {response.reason}; the consumer's money is held")
+        yield task.deferLater(reactor, SESSION_LENGTH_S, lambda: None)
+        end = yield merchant.end_session(response.call_id)
+        out(f"   BYE: charged {end['charged']} (rate x elapsed, rounded up to the minor unit); "
+            f"receipt #{end['receipt'].journal_id} verified")
+        balances()
+
+        step(f"a session at {EXHAUSTING_RATE_PER_S} per second that the money runs out on")
+        response = yield merchant.charge(CONSUMER, rate=EXHAUSTING_RATE_PER_S)
+        out(f"   merchant got {response.status} {response.reason}; Timer C is armed for when "
+            f"the consumer's money runs out")
+        for _ in range(int(MAX_SESSION_WAIT_S / POLL_S)):
+            if len(merchant.session_ends) > 1 and len(consumer.session_ends) > 1:
+                break
+            yield task.deferLater(reactor, POLL_S, lambda: None)
+        end = merchant.session_ends[-1]
+        out(f"   Timer C: the PS sent BYE to both sides ({end['reason']}); charged "
+            f"{end['charged']}, exactly what was left")
         balances()
 
         step("audit: every balance recomputed from the journal")

@@ -1,0 +1,128 @@
+"""``mpay-dmd`` as a person runs it: real processes against in-process servers (issue 6).
+
+A consumer enrols and listens with ``--auto-confirm``; a merchant enrols,
+charges a fixed amount, runs a timed session for a second, and runs one
+detached and stops it from another process.  Each step is a separate
+``mpay-dmd`` process reading an INI file, as in the README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from twisted.internet import defer, protocol, reactor, utils
+from twisted.trial import unittest
+
+from tests.flow import MpayFixture
+
+CONSUMER = "+886912345678"
+MERCHANT = "+886223334444"
+TOP_UP_MINOR = 5_000
+LISTEN_S = 30.0
+READY_TRIES = 200
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+class DmdCommandLineTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.mpay = MpayFixture(self)
+        yield self.mpay.start()
+        self.ini = os.path.join(self.mpay.dir, "mpay.ini")
+        with open(self.ini, "w") as handle:
+            handle.write(f"""[as]
+listen = udp:{self.mpay.address('as')[1]}:interface=127.0.0.1
+signing_key = {self.mpay.dir}/as.pem
+[ps]
+listen = udp:{self.mpay.address('ps')[1]}:interface=127.0.0.1
+signing_key = {self.mpay.dir}/ps.pem
+[callerid]
+sim_control = {self.mpay.dir}/modem.sock
+""")
+
+    def argv(self, number, *command):
+        return ["-m", "mpay.cli.dmd", "--config", self.ini,
+                "--state", os.path.join(self.mpay.dir, f"{number}.json"), *command]
+
+    @defer.inlineCallbacks
+    def dmd(self, number, *command, expect=0):
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, self.argv(number, *command), env=os.environ, path=os.getcwd())
+        text = (out + err).decode()
+        self.assertEqual(code, expect, text)
+        return text
+
+    @defer.inlineCallbacks
+    def test_merchant_charges_and_runs_sessions_against_a_listening_consumer(self):
+        for number in (CONSUMER, MERCHANT):
+            yield self.dmd(number, "enroll", number)
+            yield self.dmd(number, "ticket", number)
+        yield self.mpay.top.ledger.cash_in(CONSUMER, TOP_UP_MINOR, "cli-topup")
+        listener = _Collect()
+        reactor.spawnProcess(listener, sys.executable,
+                             [sys.executable, *self.argv(CONSUMER, "listen", CONSUMER, "--auto-confirm",
+                                                         "--seconds", str(LISTEN_S))],
+                             env=os.environ, path=os.getcwd())
+        self.addCleanup(lambda: listener.ended if listener.ended.called else
+                        (listener.transport.signalProcess("KILL"), listener.ended)[1])
+        yield self.mpay.eventually(lambda: b"listening" in listener.output, tries=READY_TRIES)
+
+        charged = yield self.dmd(MERCHANT, "charge", MERCHANT, CONSUMER, "1200")
+        self.assertIn("200 OK", charged)
+        self.assertIn(f"1200 TWD from {CONSUMER} to {MERCHANT}", charged)
+
+        session = yield self.dmd(MERCHANT, "session", "start", MERCHANT, CONSUMER, "100",
+                                 "--seconds", "1")
+        self.assertIn("session ended by this merchant: charged", session)
+        first = int(re.search(r"charged (\d+)", session).group(1))
+        self.assertGreaterEqual(first, 100)
+
+        detached = yield self.dmd(MERCHANT, "session", "start", MERCHANT, CONSUMER, "10", "--detach")
+        self.assertIn("session stop", detached)
+        stopped = yield self.dmd(MERCHANT, "session", "stop", MERCHANT)
+        self.assertIn("session ended by this merchant", stopped)
+        second = int(re.search(r"charged (\d+)", stopped).group(1))
+        again = yield self.dmd(MERCHANT, "session", "stop", MERCHANT, expect=1)
+        self.assertIn("no detached session", again)
+
+        merchant = yield self.mpay.top.ledger.balance(MERCHANT)
+        self.assertEqual(merchant.balance, 1200 + first + second)
+        yield self.mpay.eventually(lambda: listener.output.count(b"session ended") >= 2)
+        self.assertIn(b"asks you to pay 1200 TWD: paying (--auto-confirm)", listener.output)
+        self.assertIn(b"asks you to pay 100 TWD per second", listener.output)
+        report = yield self.mpay.top.ledger.audit()
+        self.assertTrue(report.ok, report.format())
+
+    @defer.inlineCallbacks
+    def test_a_consumer_without_a_terminal_declines(self):
+        for number in (CONSUMER, MERCHANT):
+            yield self.dmd(number, "enroll", number)
+            yield self.dmd(number, "ticket", number)
+        yield self.mpay.top.ledger.cash_in(CONSUMER, TOP_UP_MINOR, "cli-topup")
+        listener = _Collect()
+        reactor.spawnProcess(listener, sys.executable,
+                             [sys.executable, *self.argv(CONSUMER, "listen", CONSUMER,
+                                                         "--seconds", str(LISTEN_S))],
+                             env=os.environ, path=os.getcwd(), childFDs={0: "w", 1: "r", 2: "r"})
+        self.addCleanup(lambda: listener.ended if listener.ended.called else
+                        (listener.transport.signalProcess("KILL"), listener.ended)[1])
+        yield self.mpay.eventually(lambda: b"listening" in listener.output, tries=READY_TRIES)
+        refused = yield self.dmd(MERCHANT, "charge", MERCHANT, CONSUMER, "300")
+        self.assertIn("603 Decline", refused)
+        self.assertIn(b"declined (no terminal to ask", listener.output)
+        self.assertEqual((yield self.mpay.top.ledger.balance(CONSUMER)).balance, TOP_UP_MINOR)
