@@ -10,12 +10,15 @@ own time wheel, since the server's wheel dies with it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import sys
+import tempfile
 import time
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol, task, utils
 from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
@@ -86,14 +89,19 @@ class _ServerOutput(protocol.ProcessProtocol):
 
 
 class ServerProcess:
-    """``twistd --nodaemon mpay`` with every file in *directory*, on fixed loopback ports."""
+    """``twistd --nodaemon mpay`` with every file in *directory*, on fixed loopback ports.
 
-    def __init__(self, reactor, directory: str, as_port: int, ps_port: int, logfile: str):
+    *settings* are more ``--set SECTION.KEY=VALUE`` for the configuration.
+    """
+
+    def __init__(self, reactor, directory: str, as_port: int, ps_port: int, logfile: str,
+                 settings: tuple[str, ...] = ()):
         self.reactor = reactor
         self.directory = directory
         self.as_addr = (LOOPBACK, as_port)
         self.ps_addr = (LOOPBACK, ps_port)
         self.logfile = logfile
+        self.settings = tuple(settings)
         self._process = None
         self._output: _ServerOutput | None = None
 
@@ -118,9 +126,17 @@ class ServerProcess:
                         f"tickets.k_ps_keys={self.path('k_ps.keys')}",
                         f"callerid.sim_control={self.modem_control}",
                         f"ps.signing_key={self.path('ps.pem')}",
-                        f"ledger.sqlite_path={self.ledger_path}"):
+                        f"ledger.sqlite_path={self.ledger_path}", *self.settings):
             argv += ["--set", setting]
         return argv
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Rows of *sql* on the ledger file, read-only (also while the server runs or is dead)."""
+        connection = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True)
+        try:
+            return connection.execute(sql, params).fetchall()
+        finally:
+            connection.close()
 
     @property
     def running(self) -> bool:
@@ -181,6 +197,61 @@ class ServerProcess:
             self._process.signalProcess("KILL")
         except ProcessExitedAlready:
             pass
+
+
+class ServerRuns:
+    """One test's server processes, one after another, on the same ports and files.
+
+    Each is stopped in the test's cleanup, even if the test fails; their logs go
+    to the test's ``_trial_temp`` directory, which outlives it, for a post-mortem.
+    """
+
+    def __init__(self, testcase, reactor, settings: tuple[str, ...] = ()):
+        self.testcase = testcase
+        self.reactor = reactor
+        self.settings = tuple(settings)
+        # Short and private: the modem's UNIX socket path must stay under 108 bytes.
+        self.directory = tempfile.mkdtemp(prefix="mpay-")
+        testcase.addCleanup(shutil.rmtree, self.directory, True)
+        self.ports = free_udp_ports(2)
+        self.logs = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.logs)
+        self.processes: list[ServerProcess] = []
+
+    @property
+    def current(self) -> ServerProcess:
+        return self.processes[-1]
+
+    @defer.inlineCallbacks
+    def start(self):
+        """A new process on the same ports and files; fires with it once it answers."""
+        logfile = os.path.join(self.logs, f"server-{len(self.processes) + 1}.log")
+        server = ServerProcess(self.reactor, self.directory, *self.ports, logfile=logfile,
+                               settings=self.settings)
+        self.processes.append(server)
+        server.start()
+        self.testcase.addCleanup(server.stop)
+        yield server.wait_ready()
+        return server
+
+    @defer.inlineCallbacks
+    def admin(self, *args: str):
+        """``mpay-admin --db sqlite:LEDGER ARGS``: (exit status, its output)."""
+        out, err, code = yield utils.getProcessOutputAndValue(
+            MPAY_ADMIN, ["--db", f"sqlite:{self.current.ledger_path}", *args],
+            env=dict(os.environ), path=REPO)
+        return code, (out + err).decode("utf-8", "replace")
+
+
+@defer.inlineCallbacks
+def eventually(reactor, predicate, tries: int, every_s: float, what: str):
+    """Until *predicate()* is true, looking *tries* times *every_s* apart; else AssertionError."""
+    for _ in range(tries):
+        if predicate():
+            return
+        yield task.deferLater(reactor, every_s, lambda: None)
+    if not predicate():
+        raise AssertionError(f"{what}: not after {tries} x {every_s} s")
 
 
 class _Prober(protocol.DatagramProtocol):

@@ -106,3 +106,21 @@ class EventChargingTests(unittest.TestCase):
         self.assertEqual((blocked.status, blocked.reason), (403, "Too Many Unknown OTCNs"))
         self.assertEqual(self.consumer.charge_requests, [], "no guess reached the consumer")
         self.assertEqual((yield self.balances()), (TOP_UP, 0))
+
+
+class ExpiredOTCNTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_an_expired_otcn_gets_404_and_the_consumer_is_never_asked(self):
+        mpay = MpayFixture(self, "otcn.lifetime_s=1")
+        yield mpay.start()
+        consumer, consumer_wire = yield mpay.ready(CONSUMER)
+        merchant, _ = yield mpay.ready(MERCHANT)
+        yield mpay.top.ledger.cash_in(CONSUMER, TOP_UP, "topup")
+        consumer.charge_policy = lambda asked: 200
+        grant = yield consumer.request_otcn()
+        store = mpay.ps_core.charges.otcns
+        yield mpay.eventually(lambda: grant["otcn"] not in store._grants)   # lapsed on the wheel
+        response = yield merchant.charge(grant["otcn"], 100)
+        self.assertEqual((response.status, response.reason), (404, "Unknown OTCN"))
+        self.assertNotIn(("<", "RECEIVE"), consumer_wire.flow())
+        self.assertEqual((yield mpay.top.ledger.balance(CONSUMER)).balance, TOP_UP)
