@@ -68,19 +68,29 @@ sim_control = {self.mpay.dir}/modem.sock
         return text
 
     @defer.inlineCallbacks
-    def test_merchant_charges_and_runs_sessions_against_a_listening_consumer(self):
+    def listen(self, *options, **spawn):
+        """The consumer's ``mpay-dmd listen`` as a child process, once it is listening."""
+        listener = _Collect()
+        reactor.spawnProcess(listener, sys.executable,
+                             [sys.executable, *self.argv(CONSUMER, "listen", CONSUMER, *options,
+                                                         "--seconds", str(LISTEN_S))],
+                             env=os.environ, path=os.getcwd(), **spawn)
+        self.addCleanup(lambda: listener.ended if listener.ended.called else
+                        (listener.transport.signalProcess("KILL"), listener.ended)[1])
+        yield self.mpay.eventually(lambda: b"listening" in listener.output, tries=READY_TRIES)
+        return listener
+
+    @defer.inlineCallbacks
+    def enrolled(self):
         for number in (CONSUMER, MERCHANT):
             yield self.dmd(number, "enroll", number)
             yield self.dmd(number, "ticket", number)
         yield self.mpay.top.ledger.cash_in(CONSUMER, TOP_UP_MINOR, "cli-topup")
-        listener = _Collect()
-        reactor.spawnProcess(listener, sys.executable,
-                             [sys.executable, *self.argv(CONSUMER, "listen", CONSUMER, "--auto-confirm",
-                                                         "--seconds", str(LISTEN_S))],
-                             env=os.environ, path=os.getcwd())
-        self.addCleanup(lambda: listener.ended if listener.ended.called else
-                        (listener.transport.signalProcess("KILL"), listener.ended)[1])
-        yield self.mpay.eventually(lambda: b"listening" in listener.output, tries=READY_TRIES)
+
+    @defer.inlineCallbacks
+    def test_merchant_charges_and_runs_sessions_against_a_listening_consumer(self):
+        yield self.enrolled()
+        listener = yield self.listen("--auto-confirm")
 
         charged = yield self.dmd(MERCHANT, "charge", MERCHANT, CONSUMER, "1200")
         self.assertIn("200 OK", charged)
@@ -110,19 +120,31 @@ sim_control = {self.mpay.dir}/modem.sock
 
     @defer.inlineCallbacks
     def test_a_consumer_without_a_terminal_declines(self):
-        for number in (CONSUMER, MERCHANT):
-            yield self.dmd(number, "enroll", number)
-            yield self.dmd(number, "ticket", number)
-        yield self.mpay.top.ledger.cash_in(CONSUMER, TOP_UP_MINOR, "cli-topup")
-        listener = _Collect()
-        reactor.spawnProcess(listener, sys.executable,
-                             [sys.executable, *self.argv(CONSUMER, "listen", CONSUMER,
-                                                         "--seconds", str(LISTEN_S))],
-                             env=os.environ, path=os.getcwd(), childFDs={0: "w", 1: "r", 2: "r"})
-        self.addCleanup(lambda: listener.ended if listener.ended.called else
-                        (listener.transport.signalProcess("KILL"), listener.ended)[1])
-        yield self.mpay.eventually(lambda: b"listening" in listener.output, tries=READY_TRIES)
+        yield self.enrolled()
+        listener = yield self.listen(childFDs={0: "w", 1: "r", 2: "r"})
         refused = yield self.dmd(MERCHANT, "charge", MERCHANT, CONSUMER, "300")
         self.assertIn("603 Decline", refused)
         self.assertIn(b"declined (no terminal to ask", listener.output)
         self.assertEqual((yield self.mpay.top.ledger.balance(CONSUMER)).balance, TOP_UP_MINOR)
+
+    @defer.inlineCallbacks
+    def test_the_person_at_the_terminal_confirms_one_charge_and_declines_another(self):
+        yield self.enrolled()
+        listener = yield self.listen(usePTY=True)   # stdin is a terminal: the person is asked
+
+        @defer.inlineCallbacks
+        def answer_when_asked(count, keys):
+            yield self.mpay.eventually(lambda: listener.output.count(b"Pay? [y/N]") >= count)
+            listener.transport.write(keys)
+
+        answered = answer_when_asked(1, b"y\n")
+        paid = yield self.dmd(MERCHANT, "charge", MERCHANT, CONSUMER, "700")
+        yield answered
+        self.assertIn("200 OK", paid)
+        self.assertIn(f"{MERCHANT} asks you to pay 700 TWD. Pay? [y/N]".encode(), listener.output)
+
+        answered = answer_when_asked(2, b"n\n")
+        refused = yield self.dmd(MERCHANT, "charge", MERCHANT, CONSUMER, "300")
+        yield answered
+        self.assertIn("603 Decline", refused)
+        self.assertEqual((yield self.mpay.top.ledger.balance(CONSUMER)).balance, TOP_UP_MINOR - 700)
