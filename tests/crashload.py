@@ -4,199 +4,23 @@ The server must be a separate process so that ``kill -9`` hits exactly what an
 operator's ``kill -9`` would: the twistd plugin with its writer thread, its
 SQLite connection and its simulated modem, nothing of the test's reactor.  The
 devices stay in the test process (they outlive the server) and drive their
-own time wheel, since the server's wheel dies with it.
+own time wheel, since the server's wheel dies with it.  The machinery itself
+is library code (``mpay.load``), shared with ``mpay-load``; this module ties
+it to a test's cleanups.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import sqlite3
-import sys
 import tempfile
-import time
 
-from twisted.internet import defer, protocol, task, utils
-from twisted.internet.error import ProcessExitedAlready
-from twisted.logger import Logger
+from twisted.internet import defer, task
 
-from mpay import config as mpay_config
-from mpay.auth.keyfiles import load_public_key
-from mpay.sim.device import Device, DeviceState
-from mpay.sim.modem import ring_via_control
-from mpay.sip.endpoint import SIPEndpoint
-from mpay.sip.message import Response, parse
-from mpay.sip.transport import UDPListenerService
-from mpay.sip.useragent import build_request, new_call_id
-from mpay.timewheel import TimeWheel, TimeWheelService
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-TWISTD = os.path.join(BIN, "twistd")
-MPAY_ADMIN = os.path.join(BIN, "mpay-admin")
-LOOPBACK = "127.0.0.1"
-
-READY_TIMEOUT_S = 30.0
-"""Bound on a server start (imports, keys, ledger migration) before the test gives up."""
-
-PROBE_INTERVAL_S = 0.1
-"""How often the readiness probe re-sends its OPTIONS while the server is not up."""
-
-STOP_TIMEOUT_S = 10.0
-"""How long a SIGTERM'd server may take to shut down before it gets SIGKILL."""
-
-OUTPUT_KEPT_BYTES = 64 * 1024
-"""The tail of the server's stdout/stderr kept for failure messages."""
-
-DEVICE_TICK_S = 0.1
-"""Resolution of the devices' own time wheel (retransmission timers)."""
-
-log = Logger()
-
-
-def free_udp_ports(count: int) -> list[int]:
-    """*count* distinct UDP ports free on loopback now; the server is restarted on them."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOOPBACK, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-class _ServerOutput(protocol.ProcessProtocol):
-    """Keeps the tail of what the child wrote; ``ended`` fires once it is reaped."""
-
-    def __init__(self):
-        self.output = bytearray()
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._keep(data)
-
-    errReceived = outReceived
-
-    def _keep(self, data: bytes) -> None:
-        self.output += data
-        del self.output[:-OUTPUT_KEPT_BYTES]
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value)
-
-
-class ServerProcess:
-    """``twistd --nodaemon mpay`` with every file in *directory*, on fixed loopback ports.
-
-    *settings* are more ``--set SECTION.KEY=VALUE`` for the configuration.
-    """
-
-    def __init__(self, reactor, directory: str, as_port: int, ps_port: int, logfile: str,
-                 settings: tuple[str, ...] = ()):
-        self.reactor = reactor
-        self.directory = directory
-        self.as_addr = (LOOPBACK, as_port)
-        self.ps_addr = (LOOPBACK, ps_port)
-        self.logfile = logfile
-        self.settings = tuple(settings)
-        self._process = None
-        self._output: _ServerOutput | None = None
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.directory, name)
-
-    @property
-    def modem_control(self) -> str:
-        return self.path("modem.sock")
-
-    @property
-    def ledger_path(self) -> str:
-        return self.path("ledger.sqlite3")
-
-    def argv(self) -> list[str]:
-        argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={self.logfile}", "mpay",
-                "--as-listen", f"udp:{self.as_addr[1]}:interface={LOOPBACK}",
-                "--ps-listen", f"udp:{self.ps_addr[1]}:interface={LOOPBACK}",
-                "--metrics-listen", ""]
-        for setting in (f"as.signing_key={self.path('as.pem')}",
-                        f"as.master_keys={self.path('master.keys')}",
-                        f"tickets.k_ps_keys={self.path('k_ps.keys')}",
-                        f"callerid.sim_control={self.modem_control}",
-                        f"ps.signing_key={self.path('ps.pem')}",
-                        f"ledger.sqlite_path={self.ledger_path}", *self.settings):
-            argv += ["--set", setting]
-        return argv
-
-    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """Rows of *sql* on the ledger file, read-only (also while the server runs or is dead)."""
-        connection = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True)
-        try:
-            return connection.execute(sql, params).fetchall()
-        finally:
-            connection.close()
-
-    @property
-    def running(self) -> bool:
-        return self._output is not None and not self._output.ended.called
-
-    @property
-    def pid(self) -> int:
-        assert self.running, "the server is not running"
-        return self._process.pid
-
-    @property
-    def output(self) -> str:
-        """What the child wrote outside its log file (start-up errors, tracebacks)."""
-        return bytes(self._output.output).decode("utf-8", "replace") if self._output else ""
-
-    def start(self) -> None:
-        assert not self.running, "one server process at a time"
-        self._output = _ServerOutput()
-        self._process = self.reactor.spawnProcess(
-            self._output, TWISTD, self.argv(), env=dict(os.environ), path=REPO)
-
-    @defer.inlineCallbacks
-    def wait_ready(self):
-        """Until both listeners answer OPTIONS; fails if the child dies or the time is up."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        try:
-            for addr in (self.as_addr, self.ps_addr):
-                yield probe_options(self.reactor, addr, deadline, lambda: not self.running)
-        except RuntimeError as exc:
-            state = "running" if self.running else "exited"
-            raise RuntimeError(f"{exc}; the server has {state}, its log is {self.logfile};"
-                               f" it wrote:\n{self.output}") from None
-
-    def kill(self) -> defer.Deferred:
-        """``kill -9`` now; fires once the process is reaped (its modem lock is then stale)."""
-        os.kill(self.pid, signal.SIGKILL)
-        return self._output.ended
-
-    @defer.inlineCallbacks
-    def stop(self):
-        """SIGTERM (a clean shutdown), SIGKILL after STOP_TIMEOUT_S; for cleanups, idempotent."""
-        if not self.running:
-            return None
-        ended = self._output.ended
-        try:
-            self._process.signalProcess("TERM")
-        except ProcessExitedAlready:
-            pass
-        timer = self.reactor.callLater(STOP_TIMEOUT_S, self._force)
-        reason = yield ended
-        if timer.active():
-            timer.cancel()
-        return reason
-
-    def _force(self) -> None:
-        log.warn("mpay server ignored SIGTERM for {s} s: SIGKILL", s=STOP_TIMEOUT_S)
-        try:
-            self._process.signalProcess("KILL")
-        except ProcessExitedAlready:
-            pass
+from mpay.load.devices import SimDevices
+from mpay.load.server import (  # noqa: F401  (re-exported for the crash tests)
+    MPAY_ADMIN, REPO, ServerProcess, free_udp_ports, probe_options, run_admin,
+)
 
 
 class ServerRuns:
@@ -234,13 +58,9 @@ class ServerRuns:
         yield server.wait_ready()
         return server
 
-    @defer.inlineCallbacks
-    def admin(self, *args: str):
+    def admin(self, *args: str) -> defer.Deferred:
         """``mpay-admin --db sqlite:LEDGER ARGS``: (exit status, its output)."""
-        out, err, code = yield utils.getProcessOutputAndValue(
-            MPAY_ADMIN, ["--db", f"sqlite:{self.current.ledger_path}", *args],
-            env=dict(os.environ), path=REPO)
-        return code, (out + err).decode("utf-8", "replace")
+        return run_admin(self.current.ledger_path, *args)
 
 
 @defer.inlineCallbacks
@@ -254,93 +74,8 @@ def eventually(reactor, predicate, tries: int, every_s: float, what: str):
         raise AssertionError(f"{what}: not after {tries} x {every_s} s")
 
 
-class _Prober(protocol.DatagramProtocol):
-    def __init__(self, answered: defer.Deferred):
-        self.answered = answered
-
-    def datagramReceived(self, data: bytes, addr) -> None:
-        try:
-            message = parse(data)
-        except Exception:
-            return
-        if isinstance(message, Response) and message.status == 200 and not self.answered.called:
-            self.answered.callback(None)
-
-
-@defer.inlineCallbacks
-def probe_options(reactor, addr: tuple[str, int], deadline: float, gave_up=lambda: False):
-    """Send OPTIONS to *addr* every PROBE_INTERVAL_S until a 200 comes back.
-
-    A plain socket rather than a client transaction: a transaction would back
-    off to T2 (4 s) between retransmissions and time out after 64 x T1.
-    """
-    answered: defer.Deferred = defer.Deferred()
-    port = reactor.listenUDP(0, _Prober(answered), interface=LOOPBACK)
-    host = port.getHost()
-    data = build_request("OPTIONS", f"sip:{addr[0]}:{addr[1]}", sent_by=(host.host, host.port),
-                         from_uri="sip:probe@mpay.test", to_uri="sip:probe@mpay.test",
-                         call_id=new_call_id(host.host), cseq=1).to_bytes()
-
-    def send() -> None:
-        if answered.called:
-            return
-        if gave_up() or time.monotonic() > deadline:
-            answered.errback(RuntimeError(f"no answer to OPTIONS from {addr[0]}:{addr[1]}"))
-            return
-        try:
-            port.write(data, addr)
-        except OSError:
-            pass    # the server's port is not bound yet
-
-    loop = task.LoopingCall(send)
-    loop.clock = reactor
-    loop.start(PROBE_INTERVAL_S)
-    try:
-        yield answered
-    finally:
-        loop.stop()
-        yield port.stopListening()
-
-
-class Devices:
-    """Sim-DMDs for one server: their own time wheel, UDP listeners, pinned keys.
-
-    The enrolment "call" goes through the server's simulated modem, over its
-    control socket, exactly as ``mpay-dmd enroll`` places it.
-    """
-
-    def __init__(self, testcase, reactor, server: ServerProcess):
-        self.testcase = testcase
-        self.reactor = reactor
-        self.server = server
-        self.config = mpay_config.load(None)
-        self.timers = TimeWheelService(TimeWheel(tick_s=DEVICE_TICK_S), reactor=reactor)
-        self.timers.startService()
-        testcase.addCleanup(self.timers.stopService)
-
-    def ring(self, number: str, line: str) -> defer.Deferred:
-        return ring_via_control(self.server.modem_control, number, reactor=self.reactor)
-
-    def device(self, number: str) -> Device:
-        server = self.server
-        device = Device(DeviceState.new(number), domain=self.config["server"]["domain"],
-                        as_addr=server.as_addr, ps_addr=server.ps_addr,
-                        as_identity=self.config["as"]["identity"],
-                        pinned_as_key=load_public_key(server.path("as.pub")),
-                        ring=self.ring, clock=self.reactor.seconds, reactor=self.reactor,
-                        pinned_ps_key=load_public_key(server.path("ps.pub")))
-        device.endpoint = SIPEndpoint("dmd", device, self.timers)
-        listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", device.endpoint,
-                                      reactor=self.reactor)
-        listener.startService()
-        self.testcase.addCleanup(listener.stopService)
-        return device
-
-    @defer.inlineCallbacks
-    def ready(self, number: str):
-        """Enrolled, with a ticket, registered at the PS."""
-        device = self.device(number)
-        yield device.enroll()
-        yield device.get_ticket()
-        yield device.register()
-        return device
+def devices_for(testcase, reactor, server: ServerProcess) -> SimDevices:
+    """Sim-DMDs for one server process, closed in the test's cleanup."""
+    devices = SimDevices.for_server(reactor, server)
+    testcase.addCleanup(devices.stop)
+    return devices

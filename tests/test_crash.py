@@ -26,14 +26,14 @@ import sqlite3
 import tempfile
 import time
 
-from twisted.internet import defer, reactor, task, utils
+from twisted.internet import defer, reactor, task
 from twisted.logger import Logger
 from twisted.trial import unittest
 
 from mpay.auth import wire
 from mpay.auth.crypto import encode_b64
 from mpay.sip.endpoint import SIPTimeout
-from tests.crashload import MPAY_ADMIN, REPO, Devices, ServerProcess, free_udp_ports
+from tests.crashload import ServerProcess, devices_for, free_udp_ports, run_admin
 
 PAYER = "+886912345678"
 PAYEE = "+886987654321"
@@ -100,13 +100,9 @@ class CrashTests(unittest.TestCase):
         yield server.wait_ready()
         return server
 
-    @defer.inlineCallbacks
-    def admin(self, *args: str):
+    def admin(self, *args: str) -> defer.Deferred:
         """``mpay-admin --db sqlite:LEDGER ARGS``: (exit status, its output)."""
-        out, err, code = yield utils.getProcessOutputAndValue(
-            MPAY_ADMIN, ["--db", f"sqlite:{self.servers[-1].ledger_path}", *args],
-            env=dict(os.environ), path=REPO)
-        return code, (out + err).decode("utf-8", "replace")
+        return run_admin(self.servers[-1].ledger_path, *args)
 
     def journal(self) -> tuple[list[tuple], dict[str, int]]:
         """Transfer rows (id, debit, credit, amount, reference, created) and balances, read-only."""
@@ -151,7 +147,7 @@ class CrashTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_kill_9_keeps_a_queued_notice(self):
         """202 "Notice Queued" is a promise on disk: the payee is told after a kill -9."""
-        devices = Devices(self, reactor, self.servers[0])
+        devices = devices_for(self, reactor, self.servers[0])
         payer = yield devices.ready(PAYER)
         payee = yield devices.ready(PAYEE)
         code, output = yield self.admin("topup", PAYER, str(FINAL_TRANSFER_MINOR))
@@ -171,7 +167,7 @@ class CrashTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_kill_9_under_transfer_load_loses_nothing_answered(self):
-        devices = Devices(self, reactor, self.servers[0])
+        devices = devices_for(self, reactor, self.servers[0])
         payer = yield devices.ready(PAYER)
         payee = yield devices.ready(PAYEE)
         code, output = yield self.admin("topup", PAYER, str(TOP_UP_MINOR))

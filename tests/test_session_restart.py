@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from mpay.payment.sessions import REASON_RESTART
-from tests.crashload import Devices, ServerRuns, eventually
+from tests.crashload import ServerRuns, devices_for, eventually
 
 MERCHANTS = tuple(f"+88622333{index:04d}" for index in range(1, 5))
 CONSUMERS = tuple(f"+8869123{index:05d}" for index in range(1, 6))
@@ -130,7 +130,7 @@ class SessionRestartTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_kill_9_settles_every_session_at_its_last_checkpoint(self):
         started = time.monotonic()
-        devices = Devices(self, reactor, self.servers.current)
+        devices = devices_for(self, reactor, self.servers.current)
         merchants, consumers = {}, {}
         for number in MERCHANTS:
             merchants[number] = yield devices.ready(number)

@@ -107,6 +107,7 @@ class Device:
         self.session_ends: list[dict] = []      # how each ended: who, the charge, the receipt
         self.on_session_end: Callable[[dict], None] | None = None
         self.notices: list[dict] = []          # credit notices received, newest last
+        self._journal_ids: set[int] = set()    # of those notices: a load run brings thousands
         self.on_notice: Callable[[dict], None] | None = None
         self._refer: defer.Deferred | None = None
         self._cseq = 0
@@ -249,18 +250,29 @@ class Device:
         return response
 
     # -- payments ------------------------------------------------------------------
-    @defer.inlineCallbacks
-    def transfer(self, payee: str, amount: int, conceal: bool = False):
-        """Pay *payee*: (response, verified receipt).  202 means the money moved, payee offline."""
+    def transfer_request(self, payee: str, amount: int, conceal: bool = False,
+                         signing_key: Ed25519PrivateKey | None = None) -> Request:
+        """The MESSAGE paying *payee*: signed, ticket and fresh authenticator attached.
+
+        A load generator builds these ahead of sending (the authenticator's
+        timestamp must stay within the PS's skew), passing the key loaded once.
+        """
         fields: dict[str, Any] = {"amount": amount}
         if conceal:
             fields["conceal"] = True
         request = self._request("MESSAGE", e164.sip_uri(payee, self.domain),
                                 to_uri=e164.sip_uri(payee, self.domain),
                                 body=json.dumps(fields).encode(), content_type=TRANSFER_CONTENT_TYPE)
+        key = signing_key or self.state.private_key()
         request.headers.add(receipts.SIGNATURE_HEADER,
-                            receipts.sign_request(self.state.private_key(), wire.digest_of(request)))
-        response = yield self.endpoint.send_request(self.authenticate(request), self.ps_addr)
+                            receipts.sign_request(key, wire.digest_of(request)))
+        return self.authenticate(request)
+
+    @defer.inlineCallbacks
+    def transfer(self, payee: str, amount: int, conceal: bool = False):
+        """Pay *payee*: (response, verified receipt).  202 means the money moved, payee offline."""
+        request = self.transfer_request(payee, amount, conceal)
+        response = yield self.endpoint.send_request(request, self.ps_addr)
         if response.status not in (200, 202):
             raise DeviceError(f"transfer: {response.status} {response.reason}")
         receipt = None
@@ -294,9 +306,10 @@ class Device:
             txn.respond_with(400, "Bad Notice")
             return
         notice["from_header"] = request.from_addr.uri
-        if any(seen["journal_id"] == notice["journal_id"] for seen in self.notices):
+        if notice["journal_id"] in self._journal_ids:
             txn.respond_with(200)      # told again after a re-sent transfer: already known
             return
+        self._journal_ids.add(notice["journal_id"])
         self.notices.append(notice)
         if self.on_notice is not None:
             self.on_notice(notice)

@@ -1,0 +1,95 @@
+"""Sim-DMDs enrolled against a server in another process.
+
+The devices live in this process with their own time wheel (the server's
+wheel is in the server's process and may die with it) and one UDP listener
+each; the enrolment "call" goes through the server's simulated modem over
+its control socket, exactly as ``mpay-dmd enroll`` places it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+
+from mpay import config as mpay_config
+from mpay.auth.keyfiles import load_public_key
+from mpay.sim.device import Device, DeviceState
+from mpay.sim.modem import ring_via_control
+from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.transport import UDPListenerService
+from mpay.timewheel import TimeWheel, TimeWheelService
+
+DEVICE_TICK_S = 0.1
+"""Resolution of the devices' own time wheel (retransmission timers)."""
+
+LOOPBACK = "127.0.0.1"
+
+
+class SimDevices:
+    """Devices for the servers at *as_addr* / *ps_addr*; :meth:`stop` closes them all.
+
+    *ps_key_path* None: the devices do not check the PS's receipts (a load
+    run's payees, whose checking would take CPU from a server on the same
+    machine; a real phone spends its own).
+    """
+
+    def __init__(self, reactor, *, as_addr: tuple[str, int], ps_addr: tuple[str, int],
+                 modem_control: str, as_key_path: str, ps_key_path: str | None):
+        self.reactor = reactor
+        self.as_addr = as_addr
+        self.ps_addr = ps_addr
+        self.modem_control = modem_control
+        self.pinned_as_key = load_public_key(as_key_path)
+        self.pinned_ps_key = load_public_key(ps_key_path) if ps_key_path else None
+        self.config = mpay_config.load(None)
+        self.timers = TimeWheelService(TimeWheel(tick_s=DEVICE_TICK_S), reactor=reactor)
+        self.timers.startService()
+        self._listeners: list[UDPListenerService] = []
+
+    @classmethod
+    def for_server(cls, reactor, server: Any, check_receipts: bool = True) -> "SimDevices":
+        """Devices for a :class:`~mpay.load.server.ServerProcess` (keys from its directory)."""
+        return cls(reactor, as_addr=server.as_addr, ps_addr=server.ps_addr,
+                   modem_control=server.modem_control, as_key_path=server.path("as.pub"),
+                   ps_key_path=server.path("ps.pub") if check_receipts else None)
+
+    @property
+    def domain(self) -> str:
+        return self.config["server"]["domain"]
+
+    def ring(self, number: str, line: str) -> defer.Deferred:
+        return ring_via_control(self.modem_control, number, reactor=self.reactor)
+
+    def device(self, number: str, state: DeviceState | None = None) -> Device:
+        """A device listening on a port of its own (not yet enrolled unless *state* is)."""
+        device = Device(state or DeviceState.new(number), domain=self.domain,
+                        as_addr=self.as_addr, ps_addr=self.ps_addr,
+                        as_identity=self.config["as"]["identity"],
+                        pinned_as_key=self.pinned_as_key, ring=self.ring,
+                        clock=self.reactor.seconds, reactor=self.reactor,
+                        pinned_ps_key=self.pinned_ps_key)
+        device.endpoint = SIPEndpoint("dmd", device, self.timers)
+        listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", device.endpoint,
+                                      reactor=self.reactor)
+        listener.startService()
+        self._listeners.append(listener)
+        return device
+
+    @defer.inlineCallbacks
+    def ready(self, number: str):
+        """Enrolled, with a ticket, registered at the PS."""
+        device = self.device(number)
+        yield device.enroll()
+        yield device.get_ticket()
+        yield device.register()
+        return device
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """Every listener closed and the wheel stopped; idempotent."""
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            yield listener.stopService()
+        if self.timers.running:
+            yield self.timers.stopService()
