@@ -1,0 +1,214 @@
+"""``mpay-load``: how many credit transfers per minute the payment server carries.
+
+    mpay-load                                  # the thesis's rates, 1,000 transfers each
+    mpay-load --rates 1000,1600,6000 --count 500 --csv load.csv --plot load.png
+    mpay-load --find-capacity                  # search the rate where success falls
+    mpay-load --arrival poisson --seed 7       # exponential gaps instead of uniform ones
+
+By default it starts the real server (``twistd --nodaemon mpay``, embedded
+defaults, every file in a temporary directory) and stops it at the end; with
+``--as``/``--ps`` (and ``--ledger``, ``--modem-control``, ``--as-key``) it
+loads a server already running.  Payers and payees are enrolled Sim-DMDs with
+real tickets and keys; every request carries ticket, authenticator and the
+payer's signature, is committed by the ledger and confirmed by the payee.  A
+request succeeds when its payer has the final 200 within ``--timeout``.
+
+Per rate it prints and writes (CSV) the success probability, the mean, p50
+and p99 processing time, the server's CPU and the load generator's own, and
+checks the books: ``mpay-admin audit`` and every 200's journal id in the
+journal.  The last line is the capacity::
+
+    capacity: rate_per_min=R success=S p99_ms=P thesis_ratio=R/1600
+
+Exit status: 0 measured and the books are right, 1 the books are not, 2 bad
+usage, 3 the run could not be made (server, enrolment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+from twisted.internet import defer, task
+
+from mpay.load import schedule as schedules
+from mpay.load.capacity import STRICT_SUCCESS, THESIS_SUCCESS, CapacitySearch
+from mpay.load.report import ProgressBar, plot, summary_line, write_csv
+from mpay.load.run import (
+    DEFAULT_COUNT_PER_RATE, DEFAULT_PAYEES, DEFAULT_PAYERS, DEFAULT_WORKERS, RESPONSE_TIMEOUT_S,
+    LoadRunner, LoadSettings, RateReport, Target,
+)
+from mpay.load.server import ServerProcess, free_udp_ports
+
+THESIS_CAPACITY_PER_MIN = 1_600
+"""The thesis's payment server: success fell under 90 % above this rate."""
+
+DEFAULT_RATES_PER_MIN = (1_000, 1_600, 3_000, 6_000, 12_000)
+DEFAULT_SEARCH_START_PER_MIN = 6_000
+DEFAULT_SEARCH_MAX_PER_MIN = 600_000
+EXIT_OK, EXIT_BOOKS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of rates: {text!r}") from None
+    if not rates or any(rate <= 0 for rate in rates):
+        raise argparse.ArgumentTypeError("rates are per minute and > 0")
+    return rates
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return (host or "127.0.0.1", int(port))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mpay-load", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES_PER_MIN),
+                        help="arrival rates, transfers per minute, comma-separated")
+    parser.add_argument("--count", type=int, default=DEFAULT_COUNT_PER_RATE,
+                        help="transfers per rate")
+    parser.add_argument("--arrival", choices=schedules.ARRIVALS, default=schedules.UNIFORM)
+    parser.add_argument("--seed", type=int, default=0, help="of the Poisson arrivals")
+    parser.add_argument("--find-capacity", action="store_true",
+                        help="search the rates instead of --rates")
+    parser.add_argument("--start-rate", type=float, default=DEFAULT_SEARCH_START_PER_MIN,
+                        help="--find-capacity: the first rate, per minute")
+    parser.add_argument("--max-rate", type=float, default=DEFAULT_SEARCH_MAX_PER_MIN,
+                        help="--find-capacity: never above this, per minute")
+    parser.add_argument("--payers", type=int, default=DEFAULT_PAYERS)
+    parser.add_argument("--payees", type=int, default=DEFAULT_PAYEES)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="payer processes (each payer lives in one)")
+    parser.add_argument("--timeout", type=float, default=RESPONSE_TIMEOUT_S,
+                        help="seconds: a later answer is a failure")
+    parser.add_argument("--csv", help="write the table here")
+    parser.add_argument("--plot", help="write the PNG (success and latency against rate) here")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="more configuration for the server started here")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the server's directory (ledger, log) and say where")
+    external = parser.add_argument_group("a server already running (instead of starting one)")
+    external.add_argument("--as", dest="as_addr", type=_host_port, help="AS address HOST:PORT")
+    external.add_argument("--ps", dest="ps_addr", type=_host_port, help="PS address HOST:PORT")
+    external.add_argument("--ledger", help="its SQLite ledger file (audit, journal, top-ups)")
+    external.add_argument("--modem-control", help="its simulated modem's control socket")
+    external.add_argument("--as-key", help="the AS's public key file (pinned by the devices)")
+    external.add_argument("--server-pid", type=int, help="its process, for its CPU")
+    args = parser.parse_args(argv)
+    given = [args.as_addr, args.ps_addr, args.ledger, args.modem_control, args.as_key]
+    if any(given) and not all(given):
+        parser.error("a running server needs --as, --ps, --ledger, --modem-control and --as-key")
+    if args.count < 1 or args.payers < args.workers or min(args.payees, args.workers) < 1:
+        parser.error("need --count >= 1, --payees >= 1, --workers >= 1 and --payers >= --workers")
+    return args
+
+
+def capacity_line(reports: list[RateReport], threshold: float = STRICT_SUCCESS) -> str:
+    """``capacity: rate_per_min=R success=S p99_ms=P thesis_ratio=X`` at *threshold*."""
+    search = CapacitySearch(DEFAULT_SEARCH_START_PER_MIN)
+    by_rate = {}
+    for report in reports:
+        search.record(report.stats.rate_per_min, report.stats.success)
+        by_rate[report.stats.rate_per_min] = report.stats
+    rate = search.capacity(threshold)
+    if rate is None:
+        return "capacity: rate_per_min=0 success=nan p99_ms=nan thesis_ratio=0.00"
+    stats = by_rate[rate]
+    p99 = "inf" if math.isinf(stats.p99_ms) else f"{stats.p99_ms:.1f}"
+    return (f"capacity: rate_per_min={rate:.0f} success={stats.success:.4f} p99_ms={p99}"
+            f" thesis_ratio={rate / THESIS_CAPACITY_PER_MIN:.2f}")
+
+
+@defer.inlineCallbacks
+def _start_server(reactor, args: argparse.Namespace, directory: str):
+    if args.as_addr:
+        return None, Target(args.as_addr, args.ps_addr, args.modem_control, args.as_key,
+                            args.ledger, args.server_pid)
+    server = ServerProcess(reactor, directory, *free_udp_ports(2),
+                           logfile=os.path.join(directory, "server.log"),
+                           settings=tuple(args.set))
+    server.start()
+    yield server.wait_ready()
+    return server, Target.of(server)
+
+
+@defer.inlineCallbacks
+def sweep(reactor, args: argparse.Namespace):
+    """Start (or find) the server, enrol, run every rate: the reports, by rate."""
+    # Short: the modem's UNIX socket path must stay under 108 bytes.
+    directory = tempfile.mkdtemp(prefix="mpay-load-")
+    server, runner, reports = None, None, []
+    bar = ProgressBar(sys.stderr)
+    try:
+        server, target = yield _start_server(reactor, args, directory)
+        settings = LoadSettings(count=args.count, arrival=args.arrival, seed=args.seed,
+                                payers=args.payers, payees=args.payees, workers=args.workers,
+                                timeout_s=args.timeout)
+        runner = LoadRunner(reactor, target, settings, progress=bar.update)
+        print(f"enrolling {args.payers} payers and {args.payees} payees"
+              f" (server pid {target.pid or 'not known'})", flush=True)
+        yield runner.prepare()
+        search = CapacitySearch(args.start_rate, max_per_min=args.max_rate) \
+            if args.find_capacity else None
+        pending = list(args.rates)
+        while True:
+            rate = search.next_rate() if search is not None else (pending.pop(0) if pending else None)
+            if rate is None:
+                break
+            bar.start(f"{rate:g}/min")
+            report = yield runner.run_rate(rate)
+            bar.finish()
+            print(summary_line(report), flush=True)
+            if not report.audit_ok:
+                print(report.audit_output, flush=True)
+            reports.append(report)
+            if search is not None:
+                search.record(rate, report.stats.success)
+    finally:
+        bar.finish()
+        if runner is not None:
+            yield runner.stop()
+        if server is not None:
+            yield server.stop()
+        if args.keep:
+            print(f"kept {directory}", flush=True)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    return reports
+
+
+@defer.inlineCallbacks
+def run(reactor, args: argparse.Namespace):
+    try:
+        reports = yield sweep(reactor, args)
+    except (RuntimeError, OSError) as exc:
+        print(f"mpay-load: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.csv:
+        with open(args.csv, "w", encoding="utf-8") as stream:
+            write_csv(stream, reports)
+    if args.plot:
+        plot(args.plot, reports, f"mpay-load: {args.count} credit transfers per rate,"
+                                 f" {args.arrival} arrivals")
+    books_ok = all(report.books_ok for report in reports)
+    print(f"books: {'every audit passed, every 200 is in the journal' if books_ok else 'WRONG'}")
+    print("90 % (the thesis's threshold): " + capacity_line(reports, THESIS_SUCCESS))
+    print(capacity_line(reports))
+    return EXIT_OK if books_ok else EXIT_BOOKS
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def go(reactor):
+        return run(reactor, args).addCallback(lambda status: sys.exit(status) if status else None)
+
+    task.react(go)

@@ -1,0 +1,116 @@
+"""A sweep's results as the thesis showed them: a CSV table and the Fig 4-6 curves.
+
+The plot has success probability and processing time (mean and p99)
+against the arrival rate; matplotlib's Agg backend draws it without a
+display.  The progress bar is for a person at a terminal only.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from typing import IO, Iterable
+
+from mpay.load.run import RateReport
+
+CSV_FIELDS = ("rate_per_min", "count", "succeeded", "success", "mean_ms", "p50_ms", "p99_ms",
+              "send_lag_p99_ms", "server_cpu_pct", "generator_cpu_pct", "duration_s",
+              "statuses", "resent", "audit_ok", "journal_checked", "journal_missing")
+
+PROGRESS_BAR_CHARS = 30
+PLOT_SIZE_IN = (7.0, 6.0)
+PLOT_DPI = 100
+
+
+def _figure(value: float, digits: int) -> str:
+    return "inf" if math.isinf(value) else "" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def csv_row(report: RateReport) -> dict[str, str]:
+    stats = report.stats
+    return {"rate_per_min": f"{stats.rate_per_min:g}", "count": str(stats.sent),
+            "succeeded": str(stats.succeeded), "success": f"{stats.success:.4f}",
+            "mean_ms": _figure(stats.mean_ms, 2), "p50_ms": _figure(stats.p50_ms, 2),
+            "p99_ms": _figure(stats.p99_ms, 2), "send_lag_p99_ms": _figure(stats.lag_p99_ms, 2),
+            "server_cpu_pct": _figure(stats.server_cpu_pct, 1),
+            "generator_cpu_pct": _figure(stats.generator_cpu_pct, 1),
+            "duration_s": _figure(stats.duration_s, 2), "statuses": stats.status_text(),
+            "resent": str(report.resent), "audit_ok": str(report.audit_ok).lower(),
+            "journal_checked": str(report.journal_checked),
+            "journal_missing": str(report.journal_missing)}
+
+
+def write_csv(stream: IO[str], reports: Iterable[RateReport]) -> None:
+    writer = csv.DictWriter(stream, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for report in sorted(reports, key=lambda report: report.stats.rate_per_min):
+        writer.writerow(csv_row(report))
+
+
+def summary_line(report: RateReport) -> str:
+    """One line per rate for the terminal."""
+    row = csv_row(report)
+    books = "ok" if report.books_ok else (
+        f"FAILED (audit {'ok' if report.audit_ok else 'failed'},"
+        f" {report.journal_missing} of {report.journal_checked} journal ids missing)")
+    return (f"{row['rate_per_min']:>8s}/min  success {row['success']}  mean {row['mean_ms']} ms"
+            f"  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  server CPU"
+            f" {row['server_cpu_pct']} %  generator CPU {row['generator_cpu_pct']} %"
+            f"  [{row['statuses']}]  books {books}")
+
+
+def plot(path: str, reports: Iterable[RateReport], title: str) -> None:
+    """Success and processing time against the arrival rate (thesis Fig 4-6), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    ordered = sorted(reports, key=lambda report: report.stats.rate_per_min)
+    rates = [report.stats.rate_per_min for report in ordered]
+    figure, (upper, lower) = pyplot.subplots(2, 1, sharex=True, figsize=PLOT_SIZE_IN)
+    try:
+        upper.plot(rates, [100 * report.stats.success for report in ordered], "o-")
+        upper.axhline(99.9, linestyle="--", linewidth=0.8, color="green", label="99.9 %")
+        upper.axhline(90.0, linestyle=":", linewidth=0.8, color="red", label="90 % (thesis)")
+        upper.set_ylabel("success (%)")
+        upper.legend(loc="lower left")
+        upper.set_title(title)
+        for label, pick in (("mean", lambda s: s.mean_ms), ("p99", lambda s: s.p99_ms)):
+            values = [pick(report.stats) for report in ordered]
+            lower.plot(rates, [value if math.isfinite(value) else math.nan for value in values],
+                       "o-", label=label)
+        lower.set_ylabel("processing time (ms)")
+        lower.set_xlabel("arrival rate (credit transfers per minute)")
+        lower.legend(loc="upper left")
+        for axes in (upper, lower):
+            axes.grid(True, linewidth=0.3)
+        figure.tight_layout()
+        figure.savefig(path, dpi=PLOT_DPI)
+    finally:
+        pyplot.close(figure)
+
+
+class ProgressBar:
+    """``[#####.....] 523/1000  6000/min`` redrawn in place; silent unless *stream* is a TTY."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.label = ""
+
+    def start(self, label: str) -> None:
+        self.label = label
+        self.update(0, 1)
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        filled = PROGRESS_BAR_CHARS * done // max(total, 1)
+        bar = "#" * filled + "." * (PROGRESS_BAR_CHARS - filled)
+        self.stream.write(f"\r[{bar}] {done}/{total}  {self.label}")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * (PROGRESS_BAR_CHARS + 40) + "\r")
+            self.stream.flush()

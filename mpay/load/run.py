@@ -1,0 +1,250 @@
+"""One load test: the server, the payees, and a run of payer processes per arrival rate.
+
+This process enrols every device (through the server's simulated modem),
+tops the payers up with ``mpay-admin``, and keeps the payees: real Sim-DMDs
+registered at the PS, confirming each notice with 200.  For each rate it
+deals the schedule to WORKERS payer processes (``mpay.load.worker``), lets
+them build their signed requests, starts them together, and collects every
+request's outcome.  Then the books are checked: ``mpay-admin audit`` must
+pass and every journal id the payers were given in a 200 must be in the
+journal.  The server's CPU comes from ``/proc/<pid>/stat``; the generator's
+is the senders' own (``getrusage``) plus this process's, so a reader can
+tell whether the load generator was the bottleneck.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from mpay.load import schedule as schedules
+from mpay.load.devices import SimDevices
+from mpay.load.server import REPO, process_cpu_s, run_admin
+from mpay.load.stats import Outcome, RunStats
+from mpay.load.worker import cpu_s
+
+DEFAULT_COUNT_PER_RATE = 1_000
+DEFAULT_PAYERS = 8
+DEFAULT_PAYEES = 8
+DEFAULT_WORKERS = 2
+RESPONSE_TIMEOUT_S = 5.0
+"""A request answered later than this failed: a person at a till will not wait longer."""
+
+TRANSFER_AMOUNT_MINOR = 1
+TOP_UP_MINOR = 10**11
+"""Each payer's funds: far more than any sweep spends, so no request meets 402."""
+
+ENROL_CONCURRENCY = 4
+"""Devices enrolled at once (each places a "call" through the one simulated modem line)."""
+
+START_DELAY_S = 0.3
+"""From the last sender's ``ready`` to the common start: time for the line to reach each."""
+
+WORKER_OUTPUT_KEPT_BYTES = 16 * 1024
+"""The tail of a sender's stderr kept for the error message when it fails."""
+
+JOURNAL_QUERY_IDS = 500
+"""Journal ids looked up per query (under SQLite's bound on parameters)."""
+
+PAYER_PREFIX = "+88691"
+PAYEE_PREFIX = "+88692"
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the servers are and the files a load run needs of them."""
+
+    as_addr: tuple[str, int]
+    ps_addr: tuple[str, int]
+    modem_control: str
+    as_key_path: str
+    ledger_path: str
+    pid: int | None = None           # the server process, for its CPU (None: not measured)
+
+    @classmethod
+    def of(cls, server: Any) -> "Target":
+        """The target of a running :class:`~mpay.load.server.ServerProcess`."""
+        return cls(server.as_addr, server.ps_addr, server.modem_control, server.path("as.pub"),
+                   server.ledger_path, server.pid)
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    count: int = DEFAULT_COUNT_PER_RATE
+    arrival: str = schedules.UNIFORM
+    seed: int = 0
+    payers: int = DEFAULT_PAYERS
+    payees: int = DEFAULT_PAYEES
+    workers: int = DEFAULT_WORKERS
+    timeout_s: float = RESPONSE_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class RateReport:
+    """One rate's statistics and what the books said afterwards."""
+
+    stats: RunStats
+    audit_ok: bool
+    audit_output: str
+    journal_checked: int             # journal ids of 200s looked up
+    journal_missing: int             # ... of which not in the journal (must be 0)
+    resent: int                      # requests the senders had to retransmit
+
+    @property
+    def books_ok(self) -> bool:
+        return self.audit_ok and self.journal_missing == 0
+
+
+class _Sender(protocol.ProcessProtocol):
+    """One payer process: its reports, one JSON line each, to *on_report*."""
+
+    def __init__(self, on_report: Callable[["_Sender", dict], None]):
+        self.on_report = on_report
+        self.ready: defer.Deferred = defer.Deferred()
+        self.result: defer.Deferred = defer.Deferred()
+        self.progress = 0
+        self._buffer = b""
+        self._stderr = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            report = json.loads(line)
+            if "ready" in report:
+                self.ready.callback(report)
+            elif "result" in report:
+                self.result.callback(report)
+            else:
+                self.progress = report["answered"]
+                self.on_report(self, report)
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr += data
+        del self._stderr[:-WORKER_OUTPUT_KEPT_BYTES]
+
+    def send(self, message: dict) -> None:
+        self.transport.write(json.dumps(message).encode() + b"\n")
+
+    def processEnded(self, reason: Any) -> None:
+        for waiting in (self.ready, self.result):
+            if not waiting.called:
+                text = bytes(self._stderr).decode("utf-8", "replace")
+                waiting.errback(RuntimeError(f"a payer process ended early: {reason.value}\n{text}"))
+
+
+class LoadRunner:
+    """Devices enrolled against *target*; :meth:`run_rate` measures one arrival rate.
+
+    *progress(answered, count)* is called as the senders report.
+    """
+
+    def __init__(self, reactor, target: Target, settings: LoadSettings = LoadSettings(),
+                 progress: Callable[[int, int], None] | None = None):
+        assert settings.payers >= settings.workers >= 1 and settings.payees >= 1
+        self.reactor = reactor
+        self.target = target
+        self.settings = settings
+        self.progress = progress or (lambda answered, count: None)
+        self.devices = SimDevices(reactor, as_addr=target.as_addr, ps_addr=target.ps_addr,
+                                  modem_control=target.modem_control,
+                                  as_key_path=target.as_key_path, ps_key_path=None)
+        self.payers: list[Any] = []
+        self.payees: list[Any] = []
+
+    @defer.inlineCallbacks
+    def prepare(self):
+        """Enrol, ticket and register every device; fund the payers."""
+        numbers = ([f"{PAYER_PREFIX}{index:07d}" for index in range(self.settings.payers)]
+                   + [f"{PAYEE_PREFIX}{index:07d}" for index in range(self.settings.payees)])
+        limit = defer.DeferredSemaphore(ENROL_CONCURRENCY)
+        devices = yield defer.gatherResults(
+            [limit.run(self.devices.ready, number) for number in numbers], consumeErrors=True)
+        self.payers = devices[:self.settings.payers]
+        self.payees = devices[self.settings.payers:]
+        funded = yield defer.gatherResults(
+            [run_admin(self.target.ledger_path, "topup", payer.state.number, str(TOP_UP_MINOR))
+             for payer in self.payers], consumeErrors=True)
+        for code, output in funded:
+            if code != 0:
+                raise RuntimeError(f"mpay-admin topup failed: {output}")
+
+    def stop(self) -> defer.Deferred:
+        return self.devices.stop()
+
+    def _plan(self, worker: int, share: list[tuple[int, float]]) -> dict:
+        payers = self.payers[worker::self.settings.workers]
+        return {"ps_addr": list(self.target.ps_addr), "domain": self.devices.domain,
+                "payers": [asdict(payer.state) for payer in payers],
+                "payees": [payee.state.number for payee in self.payees],
+                "amount_minor": TRANSFER_AMOUNT_MINOR, "timeout_s": self.settings.timeout_s,
+                "schedule": share}
+
+    @defer.inlineCallbacks
+    def run_rate(self, rate_per_min: float):
+        """Send ``count`` transfers at *rate_per_min*; fires with a :class:`RateReport`."""
+        settings = self.settings
+        offsets = schedules.arrivals(settings.arrival, rate_per_min, settings.count, settings.seed)
+        shares = schedules.split(offsets, settings.workers)
+        senders = []
+
+        def reported(sender: _Sender, report: dict) -> None:
+            self.progress(sum(each.progress for each in senders), settings.count)
+
+        for worker, share in enumerate(shares):
+            sender = _Sender(reported)
+            self.reactor.spawnProcess(sender, sys.executable,
+                                      [sys.executable, "-m", "mpay.load.worker"],
+                                      env=dict(os.environ), path=REPO)
+            sender.send(self._plan(worker, share))
+            senders.append(sender)
+        yield defer.gatherResults([sender.ready for sender in senders], consumeErrors=True)
+        start_at = self.reactor.seconds() + START_DELAY_S
+        server_cpu_before = self._server_cpu()
+        own_cpu_before = cpu_s()
+        for sender in senders:
+            sender.send({"start_at": start_at})
+        results = yield defer.gatherResults([sender.result for sender in senders],
+                                            consumeErrors=True)
+        duration_s = self.reactor.seconds() - start_at
+        server_cpu_s = self._server_cpu() - server_cpu_before
+        generator_cpu_s = cpu_s() - own_cpu_before + sum(result["cpu_s"] for result in results)
+        self.progress(settings.count, settings.count)
+        outcomes = [Outcome(*entry) for result in results for entry in result["result"]]
+        stats = RunStats.from_outcomes(
+            rate_per_min, outcomes, settings.timeout_s, duration_s=duration_s,
+            server_cpu_pct=100 * server_cpu_s / duration_s,
+            generator_cpu_pct=100 * generator_cpu_s / duration_s)
+        journal_ids = [outcome.journal_id for outcome in outcomes if outcome.journal_id is not None]
+        missing = self._missing_from_journal(journal_ids)
+        code, output = yield run_admin(self.target.ledger_path, "audit")
+        return RateReport(stats, code == 0, output.strip(), len(journal_ids), missing,
+                          sum(result["resent"] for result in results))
+
+    def _server_cpu(self) -> float:
+        return process_cpu_s(self.target.pid) if self.target.pid is not None else float("nan")
+
+    def _missing_from_journal(self, journal_ids: list[int]) -> int:
+        """How many of *journal_ids* have no transfer row in the journal (read-only)."""
+        unique = sorted(set(journal_ids))
+        connection = sqlite3.connect(f"file:{self.target.ledger_path}?mode=ro", uri=True)
+        found = 0
+        try:
+            for start in range(0, len(unique), JOURNAL_QUERY_IDS):
+                chunk = unique[start:start + JOURNAL_QUERY_IDS]
+                marks = ", ".join("?" * len(chunk))
+                found += connection.execute(
+                    f"SELECT count(*) FROM journal WHERE kind = 'transfer' AND id IN ({marks})",
+                    chunk).fetchone()[0]
+        finally:
+            connection.close()
+        return len(unique) - found

@@ -1,0 +1,82 @@
+"""What one rate's run measured, from the outcome of each request, sans-IO.
+
+A request succeeds when its payer has the final 200 (the payee confirmed)
+within the response timeout.  The percentiles are over *every* request
+sent, a failed one counting as infinitely slow: a p99 that hides the
+failures would flatter the server.  The mean is over the successes, as the
+thesis's "average processing time" was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+SUCCESS_STATUS = 200
+
+
+class Outcome(NamedTuple):
+    """One request: its final status (None: none came), the time to it, and its send lag."""
+
+    index: int
+    status: int | None
+    latency_s: float | None
+    lag_s: float                 # how late it left against its schedule (the generator's delay)
+    journal_id: int | None = None
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of sorted *values* (``inf`` entries allowed)."""
+    if not values:
+        return math.nan
+    rank = max(1, math.ceil(fraction * len(values)))
+    return values[rank - 1]
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """One rate: success probability, processing time, the statuses, and the CPUs."""
+
+    rate_per_min: float
+    sent: int
+    succeeded: int
+    mean_ms: float
+    p50_ms: float
+    p99_ms: float
+    lag_p99_ms: float
+    statuses: dict[str, int] = field(default_factory=dict)
+    server_cpu_pct: float = math.nan       # of one core; 200 is both cores of this machine
+    generator_cpu_pct: float = math.nan
+    duration_s: float = math.nan
+
+    @property
+    def success(self) -> float:
+        return self.succeeded / self.sent if self.sent else 0.0
+
+    @classmethod
+    def from_outcomes(cls, rate_per_min: float, outcomes: Iterable[Outcome], timeout_s: float,
+                      **measured: float) -> "RunStats":
+        """Statistics of *outcomes*; *measured* are the CPU figures and the run's duration."""
+        outcomes = list(outcomes)
+        latencies, succeeded, statuses = [], [], Counter()
+        for outcome in outcomes:
+            statuses["none" if outcome.status is None else str(outcome.status)] += 1
+            ok = (outcome.status == SUCCESS_STATUS and outcome.latency_s is not None
+                  and outcome.latency_s <= timeout_s)
+            latencies.append(outcome.latency_s if ok else math.inf)
+            if ok:
+                succeeded.append(outcome.latency_s)
+        latencies.sort()
+        lags = sorted(outcome.lag_s for outcome in outcomes)
+        return cls(rate_per_min=rate_per_min, sent=len(outcomes), succeeded=len(succeeded),
+                   mean_ms=1000 * sum(succeeded) / len(succeeded) if succeeded else math.nan,
+                   p50_ms=1000 * percentile(latencies, 0.50),
+                   p99_ms=1000 * percentile(latencies, 0.99),
+                   lag_p99_ms=1000 * percentile(lags, 0.99),
+                   statuses=dict(sorted(statuses.items())), **measured)
+
+    def status_text(self) -> str:
+        """``200:998 202:2`` -- every final status and how often (``none``: no answer)."""
+        return " ".join(f"{status}:{count}" for status, count in self.statuses.items())

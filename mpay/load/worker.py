@@ -1,0 +1,241 @@
+"""The payer simulator: one sender process of ``mpay-load`` (``python -m mpay.load.worker``).
+
+It is given (one JSON line on stdin) the PS's address, some enrolled payers
+(their device state: ticket, session key, Ed25519 key) and its share of the
+run's schedule.  It binds its socket, builds the first PRECOMPUTE_AHEAD_S of
+signed, authenticated transfer requests -- the expensive part, done before
+the clock starts -- and says ``ready``; on ``start_at`` (a wall-clock time
+shared by all senders) it sends each request at its offset through a real
+SIP client transaction (retransmitted over UDP as RFC 3261 says), building
+the later ones in its idle time so that no authenticator is older than
+PRECOMPUTE_AHEAD_S when it leaves (the PS allows 300 s of skew).  It reports
+progress, then every request's outcome and its own CPU, one JSON line each
+on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from typing import Any, Callable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet import defer, stdio, task
+from twisted.protocols.basic import LineReceiver
+
+from mpay.load.devices import LOOPBACK
+from mpay.load.stats import Outcome
+from mpay.sim.device import Device, DeviceState
+from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.message import Request
+from mpay.sip.transport import UDPListenerService
+from mpay.timewheel import TimeWheel, TimeWheelService
+
+PRECOMPUTE_AHEAD_S = 120.0
+"""Requests are built at most this long before they are due: well inside the PS's 300 s skew."""
+
+PRECOMPUTE_BATCH = 100
+"""Requests built per reactor turn while sending, so a due request never waits behind many."""
+
+PROGRESS_EVERY_S = 0.25
+"""How often the sender reports how many requests have been answered."""
+
+MAX_CONTROL_LINE_BYTES = 64 * 1024 * 1024
+"""Bound on one control line (the plan carries the whole schedule share)."""
+
+SENDER_TICK_S = 0.1
+"""The sender's time wheel (retransmission timers)."""
+
+
+def cpu_s() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _NoRequests:
+    """The payers' shared endpoint serves no requests (their notices go to the payees)."""
+
+    handlers: dict = {}
+
+    def ack_received(self, request: Request, addr: Any) -> None:
+        """Nothing is INVITEd here."""
+
+
+class PayerSimulator:
+    """Sends one share of a run; *emit* gets each report (a dict) for the parent."""
+
+    def __init__(self, reactor, plan: dict, emit: Callable[[dict], None]):
+        self.reactor = reactor
+        self.emit = emit
+        self.ps_addr = tuple(plan["ps_addr"])
+        self.payees: list[str] = plan["payees"]
+        self.amount: int = plan["amount_minor"]
+        self.timeout_s: float = plan["timeout_s"]
+        self.schedule: list[tuple[int, float]] = [tuple(entry) for entry in plan["schedule"]]
+        self.timers = TimeWheelService(TimeWheel(tick_s=SENDER_TICK_S), reactor=reactor)
+        self.endpoint = SIPEndpoint("payer", _NoRequests(), self.timers)
+        self.listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", self.endpoint,
+                                           reactor=reactor)
+        self.payers = [self._payer(DeviceState(**state), plan["domain"])
+                       for state in plan["payers"]]
+        self.built: list[Request] = []            # request i of this share, once built
+        self.sent = 0
+        self.outcomes: dict[int, Outcome] = {}
+        self.start_at = 0.0
+        self.finished: defer.Deferred = defer.Deferred()
+        self._cpu_at_start = 0.0
+        self._precompute_cpu_s = 0.0
+        self._wake: Any = None
+        self._deadline: Any = None
+        self._progress: task.LoopingCall | None = None
+
+    def _payer(self, state: DeviceState, domain: str) -> tuple[Device, Ed25519PrivateKey]:
+        device = Device(state, domain=domain, as_addr=self.ps_addr, ps_addr=self.ps_addr,
+                        as_identity="", pinned_as_key=None, ring=lambda number, line: None,
+                        clock=self.reactor.seconds, reactor=self.reactor)
+        device.endpoint = self.endpoint
+        return device, state.private_key()
+
+    def prepare(self) -> dict:
+        """Bind, build what the first PRECOMPUTE_AHEAD_S need; the ``ready`` report."""
+        self.timers.startService()
+        self.listener.startService()
+        started = cpu_s()
+        self._build_until(PRECOMPUTE_AHEAD_S, limit=len(self.schedule))
+        self._precompute_cpu_s = cpu_s() - started
+        return {"ready": len(self.built), "precompute_cpu_s": self._precompute_cpu_s}
+
+    def _build_until(self, offset_s: float, limit: int) -> None:
+        """Build the requests due before *offset_s* from the start, at most *limit* now."""
+        schedule, built = self.schedule, self.built
+        while limit > 0 and len(built) < len(schedule) and schedule[len(built)][1] < offset_s:
+            index = schedule[len(built)][0]
+            device, key = self.payers[len(built) % len(self.payers)]
+            payee = self.payees[index % len(self.payees)]
+            built.append(device.transfer_request(payee, self.amount, signing_key=key))
+            limit -= 1
+
+    def go(self, start_at: float) -> defer.Deferred:
+        """Send on the schedule from *start_at*; fires with the ``result`` report."""
+        self.start_at = start_at
+        self._cpu_at_start = cpu_s()
+        self._progress = task.LoopingCall(self._report_progress)
+        self._progress.clock = self.reactor
+        self._progress.start(PROGRESS_EVERY_S, now=False)
+        self._wake = self.reactor.callLater(max(0.0, start_at - self.reactor.seconds()), self._run)
+        return self.finished
+
+    def _run(self) -> None:
+        self._wake = None
+        now = self.reactor.seconds()
+        schedule = self.schedule
+        while self.sent < len(schedule) and self.start_at + schedule[self.sent][1] <= now:
+            if self.sent == len(self.built):      # running late: build on demand
+                self._build_until(schedule[self.sent][1] + 1e-9, limit=1)
+            self._send(self.sent, now)
+            self.sent += 1
+        self._build_until(now - self.start_at + PRECOMPUTE_AHEAD_S, limit=PRECOMPUTE_BATCH)
+        if self.sent < len(schedule):
+            due = self.start_at + schedule[self.sent][1]
+            # Still requests to build: come back at once (after the reactor's other work).
+            delay = 0.0 if len(self.built) < len(schedule) and \
+                schedule[len(self.built)][1] < now - self.start_at + PRECOMPUTE_AHEAD_S \
+                else due - self.reactor.seconds()
+            self._wake = self.reactor.callLater(max(0.0, delay), self._run)
+        else:
+            self._deadline = self.reactor.callLater(self.timeout_s, self._finish)
+            self._maybe_finish()
+
+    def _send(self, position: int, now: float) -> None:
+        index, offset = self.schedule[position]
+        request = self.built[position]
+        self.built[position] = None      # type: ignore[call-overload]  # sent: let it go
+        lag = now - (self.start_at + offset)
+        sent_at = self.reactor.seconds()
+        answer = self.endpoint.send_request(request, self.ps_addr)
+        answer.addCallbacks(self._answered, self._unanswered,
+                            callbackArgs=(index, sent_at, lag), errbackArgs=(index, lag))
+
+    def _answered(self, response: Any, index: int, sent_at: float, lag: float) -> None:
+        journal_id = None
+        if response.status == 200:
+            try:
+                journal_id = json.loads(response.body)["journal_id"]
+            except (ValueError, KeyError, TypeError):
+                journal_id = None
+        self.outcomes[index] = Outcome(index, response.status, self.reactor.seconds() - sent_at,
+                                       lag, journal_id)
+        self._maybe_finish()
+
+    def _unanswered(self, failure: Any, index: int, lag: float) -> None:
+        self.outcomes[index] = Outcome(index, None, None, lag)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.sent == len(self.schedule) and len(self.outcomes) == len(self.schedule):
+            self._finish()
+
+    def _report_progress(self) -> None:
+        self.emit({"answered": len(self.outcomes), "sent": self.sent})
+
+    def _finish(self) -> None:
+        if self.finished.called:
+            return
+        for handle in (self._wake, self._deadline):
+            if handle is not None and handle.active():
+                handle.cancel()
+        if self._progress is not None and self._progress.running:
+            self._progress.stop()
+        run_cpu_s = cpu_s() - self._cpu_at_start
+        outcomes = [self.outcomes.get(index) or Outcome(index, None, None, 0.0)
+                    for index, _ in self.schedule]
+        self.finished.callback({"result": [list(outcome) for outcome in outcomes],
+                                "cpu_s": run_cpu_s, "precompute_cpu_s": self._precompute_cpu_s,
+                                "resent": self.endpoint.layer.stats["requests_resent"]})
+
+
+def _emit(report: dict) -> None:
+    """One report line to the parent (stdout is this process's only channel)."""
+    sys.stdout.buffer.write(json.dumps(report).encode() + b"\n")
+    sys.stdout.buffer.flush()
+
+
+class _Control(LineReceiver):
+    """The parent's two lines: the plan, then ``start_at``."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_CONTROL_LINE_BYTES
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.simulator: PayerSimulator | None = None
+        self.done: defer.Deferred = defer.Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        message = json.loads(line)
+        if self.simulator is None:
+            self.simulator = PayerSimulator(self.reactor, message, _emit)
+            _emit(self.simulator.prepare())
+            return
+        finished = self.simulator.go(message["start_at"])
+        finished.addCallback(_emit).chainDeferred(self.done)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.simulator is None and not self.done.called:
+            self.done.callback(None)    # the parent went away before a plan
+
+
+def main() -> None:
+    """The process entry point: serve the parent's plan, report, exit."""
+    def run(reactor):
+        control = _Control(reactor)
+        stdio.StandardIO(control, reactor=reactor)
+        return control.done
+
+    task.react(run)
+
+
+if __name__ == "__main__":
+    main()
