@@ -214,7 +214,8 @@ class LedgerService(Service):
         """Counters for the metrics page and the manhole."""
         return {"pending": self.writer.pending, "batches": self.writer.batches,
                 "operations": self.writer.operations,
-                "largest_batch": self.writer.largest_batch, "retries": self.writer.retries}
+                "largest_batch": self.writer.largest_batch, "retries": self.writer.retries,
+                "careful_redos": self.writer.careful_redos}
 
     # -- notices for offline payees (notices.py) ----------------------------
 

@@ -10,6 +10,7 @@ way through.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -28,6 +29,16 @@ MIN_SQLITE_VERSION = (3, 37, 0)
 _STATEMENT_CACHE = 256
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 _READ_BACK = "SELECT balance, held FROM accounts WHERE number = ?"
+# A run's statements: one parameter (a JSON array) for a list of any length,
+# so each is one cached statement.
+_RUN_ACCOUNTS = ("SELECT number, balance, held, status FROM accounts"
+                 " WHERE number IN (SELECT value FROM json_each(?))")
+_RUN_KEYS = ("SELECT idempotency_key, id, debit, credit, amount, debit_balance_after, created"
+             " FROM journal WHERE idempotency_key IN (SELECT value FROM json_each(?))")
+_RUN_INSERT = ("INSERT INTO journal (id, debit, credit, amount, kind, reference,"
+               " idempotency_key, payer_signature, debit_balance_after, credit_balance_after,"
+               " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_RUN_BALANCE = "UPDATE accounts SET balance = ? WHERE number = ? AND balance = ?"
 
 
 class SQLiteStore(SQLStore):
@@ -75,7 +86,7 @@ class SQLiteStore(SQLStore):
 
     def _begin_batch(self, ops: Sequence) -> None:
         # IMMEDIATE: take the write lock now, not at the first write (no upgrade deadlock).
-        self._control("BEGIN IMMEDIATE", "SAVEPOINT op")
+        self._x("BEGIN IMMEDIATE")
 
     def _begin_migration(self) -> None:
         self._x("BEGIN IMMEDIATE")
@@ -109,6 +120,22 @@ class SQLiteStore(SQLStore):
         if self._x(sql, params).rowcount != 1:
             return None
         return self._x(_READ_BACK, (number,)).fetchone()
+
+    # -- a run's statements (runs.py): the write lock is ours, so ids are too --
+    def _read_accounts(self, numbers: list[str]) -> list[tuple]:
+        return self._x(_RUN_ACCOUNTS, (json.dumps(numbers),)).fetchall()
+
+    def _read_keys(self, keys: list[str]) -> list[tuple]:
+        return self._x(_RUN_KEYS, (json.dumps(keys),)).fetchall()
+
+    def _insert_journal_rows(self, rows: list[tuple]) -> list[int]:
+        (last,) = self._x("SELECT coalesce(max(id), 0) FROM journal").fetchone()
+        ids = range(last + 1, last + 1 + len(rows))
+        self._conn.executemany(_RUN_INSERT, [(id_, *row) for id_, row in zip(ids, rows)])
+        return list(ids)
+
+    def _write_balances(self, writes: list[tuple[int, str, int]]) -> int:
+        return self._conn.executemany(_RUN_BALANCE, writes).rowcount
 
     def _insert_journal(self, params: Sequence) -> int | None:
         cursor = self._x(_INSERT_JOURNAL, params)

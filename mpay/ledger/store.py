@@ -8,10 +8,14 @@ moves it (``... WHERE balance - held >= ?``), so two processes sharing one
 PostgreSQL cannot race between a read and a write.  The UNIQUE index on
 ``journal.idempotency_key`` is what stops a second debit, not memory.
 
-``run_batch`` is the unit of work: one transaction, each operation inside a
-SAVEPOINT (a refusal or an error undoes only that operation), one COMMIT.
-The public methods are the same operations, each in its own batch of one.
-Subclasses supply the dialect: how to begin, what is worth retrying.
+``run_batch`` is the unit of work: one transaction, one COMMIT.  Consecutive
+transfers in it form a run (``runs.py``), decided together against locked
+rows; every other operation runs inside a SAVEPOINT, so that a refusal or an
+error undoes only that operation.  Should a run find the database other than
+it read it, the batch is redone the careful way: every operation, transfers
+too, in a savepoint of its own.  The public methods are the same operations,
+each in a batch of one.  Subclasses supply the dialect: how to begin, what is
+worth retrying, the run's statements.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mpay.ledger.api import (
 )
 from mpay.ledger.holds import HoldOperations
 from mpay.ledger.notices import NoticeOperations
+from mpay.ledger.runs import RunConflict, TransferRuns, refusal
 from mpay.ledger.sessions import SessionOperations
 
 MAX_BATCH_ATTEMPTS = 8
@@ -69,7 +74,7 @@ class _Refused(Exception):
         self.result = result
 
 
-class SQLStore(HoldOperations, SessionOperations, NoticeOperations):
+class SQLStore(TransferRuns, HoldOperations, SessionOperations, NoticeOperations):
     """The synchronous ledger on one DB-API connection; see the module docstring."""
 
     dialect: ClassVar[str]
@@ -87,7 +92,7 @@ class SQLStore(HoldOperations, SessionOperations, NoticeOperations):
         raise NotImplementedError
 
     def _begin_batch(self, ops: Sequence[Op]) -> None:
-        """Open the write transaction and the first operation's savepoint."""
+        """Open the write transaction (and lock what *ops* touch, where rows lock one by one)."""
         raise NotImplementedError
 
     def _control(self, *statements: str) -> None:
@@ -145,46 +150,81 @@ class SQLStore(HoldOperations, SessionOperations, NoticeOperations):
 
     # -- the unit of work ---------------------------------------------------
 
-    def run_batch(self, ops: Sequence[Op]) -> list[object]:
-        """Run *ops* in one transaction, one SAVEPOINT each; their results in order.
+    def run_batch(self, ops: Sequence[Op], careful: bool = False) -> list[object]:
+        """Run *ops* in one transaction (module docstring); their results in order.
 
         A result is the operation's answer, or the exception it raised (that
         operation alone is undone).  A transient conflict (deadlock,
         serialization failure, lock timeout) reruns the whole batch; any other
         failure of the transaction itself raises, and nothing was committed
-        unless the COMMIT itself was lost in flight.
+        unless the COMMIT itself was lost in flight.  *careful* forms no runs
+        (what a batch falls back to; tests compare the two ways).
         """
         for attempt in range(1, MAX_BATCH_ATTEMPTS + 1):
             try:
-                return self._run_once(ops)
+                return self._run_once(ops, careful)
             except Exception as exc:
                 self._rollback_quietly()
+                if not careful and not self._is_retryable(exc):
+                    # A run met something it did not expect: the careful way decides.
+                    careful = True
+                    self.run_conflicts += 1
+                    continue
                 if not self._is_retryable(exc) or attempt == MAX_BATCH_ATTEMPTS:
                     raise
                 self.batch_retries += 1
                 time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
 
-    def _run_once(self, ops: Sequence[Op]) -> list[object]:
+    def _run_once(self, ops: Sequence[Op], careful: bool) -> list[object]:
+        """One try of ``run_batch``; *careful*: no runs, every operation in a savepoint."""
         control = self._control
         self._begin_batch(ops)
+        if len(ops) == 1 and (careful or ops[0][0] != "transfer"):
+            # Alone in its transaction: the transaction is its savepoint.
+            [result] = results = [self._careful(*ops[0])]
+            if isinstance(result, (_Refused, Exception)):
+                self._rollback_quietly()
+                return [result.result if isinstance(result, _Refused) else result]
+            control("COMMIT")
+            return results
         results: list[object] = []
-        last = len(ops) - 1
-        for index, (name, args) in enumerate(ops):
-            try:
-                result = getattr(self, "_op_" + name)(*args)
-            except _Refused as refusal:
+        in_savepoint = False
+        index = 0
+        while index < len(ops):
+            name, args = ops[index]
+            if name == "transfer" and not careful:
+                end = index + 1
+                while end < len(ops) and ops[end][0] == "transfer":
+                    end += 1
+                if in_savepoint:
+                    control("RELEASE SAVEPOINT op")
+                    in_savepoint = False
+                results.extend(self._transfer_run([args for _, args in ops[index:end]]))
+                index = end
+                continue
+            # Release the last operation's savepoint and open this one's in one go.
+            control(*(("RELEASE SAVEPOINT op",) if in_savepoint else ()), "SAVEPOINT op")
+            in_savepoint = True
+            result = self._careful(name, args)
+            if isinstance(result, (_Refused, Exception)):
                 control("ROLLBACK TO SAVEPOINT op")
-                result = refusal.result
-            except Exception as exc:
-                if self._is_retryable(exc):
-                    raise
-                control("ROLLBACK TO SAVEPOINT op")
-                result = exc
+                result = result.result if isinstance(result, _Refused) else result
             results.append(result)
-            # Release this operation's savepoint and open the next one's (or commit).
-            control("RELEASE SAVEPOINT op", "COMMIT" if index == last else "SAVEPOINT op")
+            index += 1
+        control(*(("RELEASE SAVEPOINT op",) if in_savepoint else ()), "COMMIT")
         return results
+
+    def _careful(self, name: str, args: tuple) -> object:
+        """Run one operation; its answer, or the _Refused / exception that must undo it."""
+        try:
+            return getattr(self, "_op_" + name)(*args)
+        except _Refused as refused:
+            return refused
+        except Exception as exc:
+            if self._is_retryable(exc):
+                raise
+            return exc
 
     def _rollback_quietly(self) -> None:
         try:
@@ -289,19 +329,8 @@ class SQLStore(HoldOperations, SessionOperations, NoticeOperations):
 
     def _refusal(self, payer: str, payee: str | None) -> TransferResult:
         """Why a guarded UPDATE matched no row, in the order the PS reports it."""
-        rows = {row[0]: row[1] for row in self._x(
-            "SELECT number, status FROM accounts WHERE number IN (?, ?)", (payer, payee or payer))}
-        if payer not in rows:
-            outcome, detail = Outcome.UNKNOWN_PAYER, "payer has no account"
-        elif payee is not None and payee not in rows:
-            outcome, detail = Outcome.UNKNOWN_PAYEE, "payee has no account"
-        elif rows[payer] != ACTIVE:
-            outcome, detail = Outcome.BLOCKED, "payer is blocked"
-        elif payee is not None and rows[payee] != ACTIVE:
-            outcome, detail = Outcome.BLOCKED, "payee is blocked"
-        else:
-            outcome, detail = Outcome.INSUFFICIENT, "available balance is short"
-        return TransferResult(outcome, payer=payer, payee=payee or "", detail=detail)
+        return refusal(payer, payee, {row[0]: row[1] for row in self._x(
+            "SELECT number, status FROM accounts WHERE number IN (?, ?)", (payer, payee or payer))})
 
     def _op_set_status(self, number: str, status: str) -> None:
         if number == SETTLEMENT:

@@ -2,8 +2,8 @@
 
 The reactor never waits for the database.  ``LedgerService`` methods queue an
 operation and return a Deferred; the writer thread takes whatever is queued
-(up to the store's ``max_batch``), runs it as one transaction with a SAVEPOINT
-per operation, commits once, and hands every caller its own result in one
+(up to the store's ``max_batch``), runs it as one transaction (its transfers
+as one run, ``runs.py``), commits once, and hands every caller its own result in one
 ``reactor.callFromThread``.  While one group is being fsynced the next one
 queues up, so under load a commit is shared by hundreds of payments and
 costs one disk flush; an idle ledger commits each payment at once.
@@ -13,7 +13,7 @@ costs one disk flush; an idle ledger commits each payment at once.
     reactor thread            writer thread                   database
     transfer() -> Deferred
         | SimpleQueue.put  ->  get, drain <= max_batch
-                               BEGIN; SAVEPOINT; op; RELEASE ... COMMIT  -> fsync
+                               BEGIN; run of transfers; ... COMMIT  -> fsync
         <- callFromThread(deliver results)
     d.callback(TransferResult)
 
@@ -67,6 +67,7 @@ class GroupCommitWriter:
         self._open_waiters: list[defer.Deferred] = []
         self.batches = self.operations = self.largest_batch = 0
         self.retries = 0  # groups rerun after a deadlock or lock timeout (written by the thread)
+        self.careful_redos = 0  # groups whose run met the unexpected, redone the careful way
 
     def start(self) -> None:
         self._thread.start()
@@ -154,10 +155,11 @@ class GroupCommitWriter:
                 error = LedgerError("the ledger database is unavailable")
                 self._reactor.callFromThread(self._deliver, batch, [error] * len(batch))
                 continue
-            retried = store.batch_retries
+            retried, redone = store.batch_retries, store.run_conflicts
             try:
                 results: list[object] = store.run_batch([(name, args) for _, name, args in batch])
                 self.retries += store.batch_retries - retried
+                self.careful_redos += store.run_conflicts - redone
             except Exception as exc:
                 # The group failed as a whole: nothing committed, unless the COMMIT
                 # itself was lost in flight (a retry with the same key is safe).

@@ -83,7 +83,11 @@ class OutcomeCollector:
             batches.add_metric([], stats["batches"])
             operations = CounterMetricFamily("mpay_ledger_operations", "Operations committed or refused")
             operations.add_metric([], stats["operations"])
-            yield from (pending, batches, operations)
+            redos = CounterMetricFamily(
+                "mpay_ledger_careful_redos",
+                "Group commits whose run of transfers found the database other than it read it")
+            redos.add_metric([], stats["careful_redos"])
+            yield from (pending, batches, operations, redos)
 
 
 def metrics_service(listen: str, endpoints: Iterable[SIPEndpoint], reactor=None,
