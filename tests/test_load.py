@@ -1,0 +1,168 @@
+"""mpay-load's plain parts: arrival schedules, statistics, the capacity search, the CSV."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+from twisted.trial import unittest
+
+from mpay.load import schedule
+from mpay.load.capacity import CapacitySearch
+from mpay.load.report import CSV_FIELDS, ProgressBar, write_csv
+from mpay.load.run import RateReport
+from mpay.load.stats import Outcome, RunStats, percentile
+
+TIMEOUT_S = 5.0
+
+
+class ScheduleTests(unittest.TestCase):
+    def test_uniform_spreads_a_rate_evenly_over_the_minute(self):
+        offsets = schedule.uniform(1_600, 1_600)
+        self.assertEqual(offsets[0], 0.0)
+        self.assertAlmostEqual(offsets[1], 60 / 1_600)
+        self.assertAlmostEqual(offsets[-1], 60 - 60 / 1_600)
+
+    def test_poisson_has_the_rate_on_average_and_is_reproducible(self):
+        offsets = schedule.arrivals(schedule.POISSON, 6_000, 20_000, seed=7)
+        self.assertEqual(offsets, schedule.arrivals(schedule.POISSON, 6_000, 20_000, seed=7))
+        self.assertEqual(offsets, sorted(offsets))
+        mean_gap_s = offsets[-1] / (len(offsets) - 1)
+        self.assertApproximates(mean_gap_s, 0.01, 0.0005)   # 100 per second
+
+    def test_poisson_gaps_are_not_uniform(self):
+        offsets = schedule.poisson(6_000, 1_000, random.Random(1))
+        gaps = {round(b - a, 6) for a, b in zip(offsets, offsets[1:])}
+        self.assertGreater(len(gaps), 900)
+
+    def test_split_deals_round_robin_and_keeps_every_request(self):
+        offsets = schedule.uniform(60, 7)
+        parts = schedule.split(offsets, 3)
+        self.assertEqual([[index for index, _ in part] for part in parts],
+                         [[0, 3, 6], [1, 4], [2, 5]])
+        self.assertEqual(sorted(entry for part in parts for entry in part),
+                         list(enumerate(offsets)))
+
+    def test_nonsense_is_refused(self):
+        self.assertRaises(ValueError, schedule.uniform, 0, 10)
+        self.assertRaises(ValueError, schedule.uniform, 100, 0)
+        self.assertRaises(ValueError, schedule.arrivals, "bursty", 100, 10)
+        self.assertRaises(ValueError, schedule.split, [0.0], 0)
+
+
+def outcome(index: int, status: int | None, latency_ms: float | None) -> Outcome:
+    return Outcome(index, status, None if latency_ms is None else latency_ms / 1000, 0.0,
+                   index if status == 200 else None)
+
+
+class StatsTests(unittest.TestCase):
+    def test_percentile_is_nearest_rank(self):
+        values = [float(value) for value in range(1, 101)]
+        self.assertEqual(percentile(values, 0.50), 50.0)
+        self.assertEqual(percentile(values, 0.99), 99.0)
+        self.assertEqual(percentile([3.0], 0.99), 3.0)
+        self.assertTrue(math.isnan(percentile([], 0.5)))
+
+    def test_all_answered_in_time(self):
+        stats = RunStats.from_outcomes(1_600, [outcome(i, 200, 1 + i) for i in range(100)],
+                                       TIMEOUT_S)
+        self.assertEqual((stats.sent, stats.succeeded, stats.success), (100, 100, 1.0))
+        self.assertAlmostEqual(stats.mean_ms, 50.5)
+        self.assertAlmostEqual(stats.p50_ms, 50.0)
+        self.assertAlmostEqual(stats.p99_ms, 99.0)
+        self.assertEqual(stats.statuses, {"200": 100})
+
+    def test_failures_count_as_infinitely_slow_in_the_percentiles(self):
+        outcomes = [outcome(i, 200, 2.0) for i in range(98)]
+        outcomes += [outcome(98, None, None), outcome(99, 202, 8_000.0)]
+        stats = RunStats.from_outcomes(6_000, outcomes, TIMEOUT_S)
+        self.assertEqual(stats.succeeded, 98)
+        self.assertAlmostEqual(stats.success, 0.98)
+        self.assertAlmostEqual(stats.mean_ms, 2.0)        # the mean is over the successes
+        self.assertAlmostEqual(stats.p50_ms, 2.0)
+        self.assertTrue(math.isinf(stats.p99_ms))
+        self.assertEqual(stats.status_text(), "200:98 202:1 none:1")
+
+    def test_a_200_after_the_timeout_is_a_failure(self):
+        stats = RunStats.from_outcomes(60, [outcome(0, 200, 1.0), outcome(1, 200, 5_001.0)],
+                                       TIMEOUT_S)
+        self.assertEqual(stats.succeeded, 1)
+
+    def test_nothing_succeeded(self):
+        stats = RunStats.from_outcomes(60, [outcome(0, 503, 1.0)], TIMEOUT_S)
+        self.assertEqual(stats.success, 0.0)
+        self.assertTrue(math.isnan(stats.mean_ms))
+
+
+class CapacitySearchTests(unittest.TestCase):
+    @staticmethod
+    def drive(search: CapacitySearch, success_at) -> list[float]:
+        tried = []
+        while (rate := search.next_rate()) is not None:
+            tried.append(rate)
+            search.record(rate, success_at(rate))
+        return tried
+
+    def test_doubles_until_failure_then_bisects_to_the_resolution(self):
+        def server(rate):    # perfect to 10,000/min, 95 % to 20,000/min, then 50 %
+            return 1.0 if rate <= 10_000 else 0.95 if rate <= 20_000 else 0.5
+
+        search = CapacitySearch(1_000, resolution=0.1, max_runs=50)
+        tried = self.drive(search, server)
+        self.assertEqual(tried[:5], [1_000, 2_000, 4_000, 8_000, 16_000])
+        strict, thesis = search.capacity(0.999), search.capacity(0.90)
+        self.assertLessEqual(strict, 10_000)
+        self.assertGreater(strict * 1.1, search.lowest_failing(0.999))
+        self.assertLessEqual(thesis, 20_000)
+        self.assertGreater(thesis * 1.1, search.lowest_failing(0.90))
+
+    def test_goes_down_when_the_first_rate_fails(self):
+        search = CapacitySearch(8_000, max_runs=50)
+        tried = self.drive(search, lambda rate: 1.0 if rate <= 1_500 else 0.0)
+        self.assertEqual(tried[:4], [8_000, 4_000, 2_000, 1_000])
+        self.assertLessEqual(search.capacity(0.999), 1_500)
+
+    def test_a_lucky_pass_above_a_failure_is_not_the_capacity(self):
+        search = CapacitySearch(1_000)
+        for rate, success in ((1_000, 1.0), (2_000, 0.5), (4_000, 1.0)):
+            search.record(rate, success)
+        self.assertEqual(search.capacity(0.999), 1_000)
+
+    def test_stops_at_the_maximum_and_at_the_run_budget(self):
+        search = CapacitySearch(1_000, max_per_min=3_000)
+        self.assertEqual(self.drive(search, lambda rate: 1.0), [1_000, 2_000, 3_000])
+        self.assertEqual(search.capacity(0.999), 3_000)
+        budget = CapacitySearch(1_000, max_runs=3)
+        self.assertEqual(len(self.drive(budget, lambda rate: 1.0)), 3)
+
+    def test_nothing_passes(self):
+        search = CapacitySearch(4, max_runs=50)
+        self.drive(search, lambda rate: 0.0)
+        self.assertIsNone(search.capacity(0.90))
+
+
+class ReportTests(unittest.TestCase):
+    def test_csv_has_a_row_per_rate_in_rate_order(self):
+        def report(rate):
+            stats = RunStats.from_outcomes(rate, [outcome(0, 200, 3.0), outcome(1, None, None)],
+                                           TIMEOUT_S, server_cpu_pct=40.0,
+                                           generator_cpu_pct=20.0, duration_s=1.0)
+            return RateReport(stats, True, "", 1, 0, 0)
+
+        stream = io.StringIO()
+        write_csv(stream, [report(3_000), report(1_000)])
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(lines[0], ",".join(CSV_FIELDS))
+        self.assertEqual([line.split(",")[0] for line in lines[1:]], ["1000", "3000"])
+        row = dict(zip(CSV_FIELDS, lines[1].split(",")))
+        self.assertEqual((row["success"], row["p99_ms"], row["statuses"]),
+                         ("0.5000", "inf", "200:1 none:1"))
+
+    def test_progress_bar_is_silent_off_a_terminal(self):
+        stream = io.StringIO()
+        bar = ProgressBar(stream)
+        bar.start("1000/min")
+        bar.update(5, 10)
+        bar.finish()
+        self.assertEqual(stream.getvalue(), "")
