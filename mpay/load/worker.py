@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -196,14 +195,13 @@ class PayerSimulator:
                                 "resent": self.endpoint.layer.stats["requests_resent"]})
 
 
-def _emit(report: dict) -> None:
-    """One report line to the parent (stdout is this process's only channel)."""
-    sys.stdout.buffer.write(json.dumps(report).encode() + b"\n")
-    sys.stdout.buffer.flush()
-
-
 class _Control(LineReceiver):
-    """The parent's two lines: the plan, then ``start_at``."""
+    """The parent's two lines (the plan, then ``start_at``); reports go back one a line.
+
+    The result is written through the transport (stdout is non-blocking under
+    StandardIO) and the process ends once it has all left: ``done`` fires on
+    connectionLost, after the last byte.
+    """
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_CONTROL_LINE_BYTES
@@ -213,18 +211,24 @@ class _Control(LineReceiver):
         self.simulator: PayerSimulator | None = None
         self.done: defer.Deferred = defer.Deferred()
 
+    def emit(self, report: dict) -> None:
+        self.sendLine(json.dumps(report).encode())
+
     def lineReceived(self, line: bytes) -> None:
         message = json.loads(line)
         if self.simulator is None:
-            self.simulator = PayerSimulator(self.reactor, message, _emit)
-            _emit(self.simulator.prepare())
+            self.simulator = PayerSimulator(self.reactor, message, self.emit)
+            self.emit(self.simulator.prepare())
             return
-        finished = self.simulator.go(message["start_at"])
-        finished.addCallback(_emit).chainDeferred(self.done)
+        self.simulator.go(message["start_at"]).addCallback(self._result)
+
+    def _result(self, report: dict) -> None:
+        self.emit(report)
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.simulator is None and not self.done.called:
-            self.done.callback(None)    # the parent went away before a plan
+        if not self.done.called:
+            self.done.callback(None)
 
 
 def main() -> None:
