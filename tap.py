@@ -26,6 +26,7 @@ from mpay.ops.metrics import metrics_service
 from mpay.payment.service import build_ps
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.timing import TimerSettings
+from mpay.sip.tls import TLSConfigError
 from mpay.sip.transport import UDPListenerService
 from mpay.timewheel import TimeWheel, TimeWheelService
 
@@ -117,7 +118,7 @@ def makeService(options: Options, reactor=None) -> MpayService:
             continue
         try:
             parent, endpoint = build(cfg, timers, settings, reactor, ledger)
-        except (CryptoError, InvalidNumber, OSError) as exc:
+        except (CryptoError, InvalidNumber, OSError, TLSConfigError) as exc:
             raise usage.UsageError(f"cannot start the {name.upper()}: {exc}") from exc
         parent.setServiceParent(top)
         top.endpoints[name] = endpoint

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 ROLES = ("as", "ps", "all")
 
-_LISTEN_RE = re.compile(r"^(udp|tcp|ssl):\d{1,5}(:[^:]+=[^:]*)*$")
+_LISTEN_RE = re.compile(r"^(udp|tcp|ssl|tls):\d{1,5}(:[^:]+=[^:]*)*$")
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,22 @@ def _listen(value: str) -> str:
     if value and not 0 <= int(value.split(":")[1]) <= 65535:
         raise ValueError("port out of range 0..65535")
     return value
+
+
+def _stream_listen(scheme: str) -> Callable[[str], str]:
+    """``SCHEME:PORT[:interface=ADDR]`` for a stream listener, or empty (off)."""
+    def check(value: str) -> str:
+        if value and not value.startswith(scheme + ":"):
+            raise ValueError(f"must look like {scheme}:PORT[:interface=ADDR], or be empty")
+        return _listen(value)
+    return check
+
+
+def _names(value: str) -> list[str]:
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    if not names:
+        raise ValueError("must name at least one host name or address")
+    return names
 
 
 def _positive_int(value: str) -> int:
@@ -123,6 +139,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "as": {
         "listen": Key("udp:5070:interface=127.0.0.1", _listen),
+        "listen_tcp": Key("", _stream_listen("tcp")),
+        "listen_tls": Key("", _stream_listen("tls")),
         "identity": Key("as.mpay.test", _text),
         "signing_key": Key("var/as_signing_key.pem", _text),
         "master_keys": Key("var/master.keys", _text),
@@ -133,6 +151,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "ps": {
         "listen": Key("udp:5060:interface=127.0.0.1", _listen),
+        "listen_tcp": Key("", _stream_listen("tcp")),
+        "listen_tls": Key("", _stream_listen("tls")),
+        "require_tls": Key("false", _bool),
         "signing_key": Key("var/ps_signing_key.pem", _text),
         "transfer_timer_a_s": Key("8", _positive_float),
         "charge_timer_a_s": Key("60", _positive_float),
@@ -161,6 +182,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "simulate": Key("true", _bool),
         "sim_line": Key("+886223456789", _text),
         "sim_control": Key("var/sim-modem.sock", _text),
+    },
+    "tls": {
+        "certificate": Key("var/tls/server.crt", _text),
+        "private_key": Key("var/tls/server.key", _text),
+        "min_version": Key("1.2", _backend("1.2", "1.3")),
+        "self_signed": Key("true", _bool),
+        "names": Key("localhost, 127.0.0.1", _names),
     },
     "otcn": {"lifetime_s": Key("600", _otcn_lifetime)},
     "guard": {

@@ -14,6 +14,8 @@ from mpay.auth.keyfiles import load_public_key
 from mpay.sim.device import Device, DeviceState
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.message import Request, parse
+from mpay.sip import tls
+from mpay.sip.stream import Flow, open_flow
 from mpay.sip.transport import UDPListenerService
 from mpay.timewheel import TimeWheel, TimeWheelService
 
@@ -54,20 +56,30 @@ class Recorder:
 
 
 class MpayFixture:
-    """Starts the servers with keys and the modem control socket in a temp dir."""
+    """Starts the servers with keys and the modem control socket in a temp dir.
 
-    def __init__(self, testcase, *settings: str):
+    *transport* (UDP, TCP or TLS) is how the devices reach the servers: over
+    a stream, each device connects when it first sends, and the servers
+    reach it back over that connection.  The servers always listen on all
+    three.
+    """
+
+    def __init__(self, testcase, *settings: str, transport: str = "UDP"):
         self.testcase = testcase
+        self.transport = transport
         # Short and private: a UNIX socket path must stay under 108 bytes.
         self.dir = tempfile.mkdtemp(prefix="mpay-")
         testcase.addCleanup(shutil.rmtree, self.dir, True)
         args = ["--as-listen", "udp:0:interface=127.0.0.1", "--ps-listen", "udp:0:interface=127.0.0.1",
                 "--metrics-listen", ""]
+        streams = [f"{role}.listen_{kind}={kind}:0:interface=127.0.0.1"
+                   for role in ("as", "ps") for kind in ("tcp", "tls")]
         for setting in (f"as.signing_key={self.dir}/as.pem", f"as.master_keys={self.dir}/master.keys",
                         f"tickets.k_ps_keys={self.dir}/k_ps.keys",
                         f"callerid.sim_control={self.dir}/modem.sock",
                         f"ps.signing_key={self.dir}/ps.pem",
-                        f"ledger.sqlite_path={self.dir}/ledger.sqlite3") + settings:
+                        f"tls.certificate={self.dir}/tls.crt", f"tls.private_key={self.dir}/tls.key",
+                        f"ledger.sqlite_path={self.dir}/ledger.sqlite3", *streams) + settings:
             args += ["--set", setting]
         self.args = args
         self._build()
@@ -98,9 +110,13 @@ class MpayFixture:
         """Stop the servers and start new ones on the same files (ledger, keys) and ports:
         what survives is what is on disk; the devices keep their state and addresses."""
         as_port, ps_port = self.address("as")[1], self.address("ps")[1]
+        streams = [f"{role}.listen_{kind.lower()}={kind.lower()}:{port}:interface=127.0.0.1"
+                   for role in ("as", "ps")
+                   for kind, port in self.top.endpoints[role].stream_ports.items()]
         yield self.top.stopService()
         self._build("--as-listen", f"udp:{as_port}:interface=127.0.0.1",
-                    "--ps-listen", f"udp:{ps_port}:interface=127.0.0.1")
+                    "--ps-listen", f"udp:{ps_port}:interface=127.0.0.1",
+                    *[arg for setting in streams for arg in ("--set", setting)])
         yield self.start()
 
     @defer.inlineCallbacks
@@ -122,8 +138,23 @@ class MpayFixture:
             yield task.deferLater(reactor, every_s, lambda: None)
         self.testcase.fail("condition never held")
 
-    def address(self, role: str) -> tuple[str, int]:
-        return ("127.0.0.1", self.top.listeners[role].port)
+    def address(self, role: str, transport: str = "UDP") -> tuple[str, int]:
+        """Where *role* listens for *transport*: a UDP address, or a flow to connect to."""
+        if transport == "UDP":
+            return ("127.0.0.1", self.top.listeners[role].port)
+        return Flow("127.0.0.1", self.top.endpoints[role].stream_ports[transport], transport)
+
+    def source_of(self, device: Device, role: str) -> tuple[str, int]:
+        """The device's address as the server *role* sees it (over UDP, its sent-by)."""
+        if self.transport == "UDP":
+            return device.endpoint.sent_by
+        flow = device.endpoint.live(self.address(role, self.transport))
+        local = flow.connection.transport.getHost()
+        return (local.host, local.port)
+
+    def tls_options(self):
+        """A device's check of the servers' certificate: the development one, pinned."""
+        return tls.client_options("127.0.0.1", os.path.join(self.dir, "tls.crt"))
 
     def ring(self, number: str, line: str) -> defer.Deferred:
         """The device "places the call": the simulated modem on that line rings."""
@@ -134,8 +165,10 @@ class MpayFixture:
         state = DeviceState.new(number)
         pinned = pinned_as_key or load_public_key(os.path.join(self.dir, "as.pub"))
         ps_key = load_public_key(os.path.join(self.dir, "ps.pub"))
-        device = Device(state, domain=self.config["server"]["domain"], as_addr=self.address("as"),
-                        ps_addr=self.address("ps"), as_identity=self.config["as"]["identity"],
+        transport = self.transport
+        device = Device(state, domain=self.config["server"]["domain"],
+                        as_addr=self.address("as", transport), ps_addr=self.address("ps", transport),
+                        as_identity=self.config["as"]["identity"],
                         pinned_as_key=pinned, ring=ring or self.ring, clock=reactor.seconds,
                         reactor=reactor, state_path=os.path.join(self.dir, f"{number}.json"),
                         pinned_ps_key=ps_key)
@@ -144,6 +177,11 @@ class MpayFixture:
         listener = UDPListenerService("udp:0:interface=127.0.0.1", endpoint, reactor=reactor)
         listener.startService()
         self.testcase.addCleanup(listener.stopService)
+        if transport != "UDP":
+            options = self.tls_options() if transport == "TLS" else None
+            endpoint.connector = lambda flow: open_flow(reactor, endpoint, flow.transport, flow,
+                                                        options)
+            self.testcase.addCleanup(endpoint.close_flows)
         return device, Recorder(endpoint)
 
 

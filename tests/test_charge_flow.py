@@ -15,9 +15,11 @@ TOP_UP = 1_000
 
 
 class EventChargingTests(unittest.TestCase):
+    transport = "UDP"
+
     @defer.inlineCallbacks
     def setUp(self):
-        self.mpay = MpayFixture(self, "ps.charge_timer_a_s=1")
+        self.mpay = MpayFixture(self, "ps.charge_timer_a_s=1", transport=self.transport)
         yield self.mpay.start()
         self.ledger = self.mpay.top.ledger
         self.consumer, self.consumer_wire = yield self.mpay.ready(CONSUMER)
@@ -124,3 +126,11 @@ class ExpiredOTCNTests(unittest.TestCase):
         self.assertEqual((response.status, response.reason), (404, "Unknown OTCN"))
         self.assertNotIn(("<", "RECEIVE"), consumer_wire.flow())
         self.assertEqual((yield mpay.top.ledger.balance(CONSUMER)).balance, TOP_UP)
+
+
+class EventChargingOverTCPTests(EventChargingTests):
+    transport = "TCP"
+
+
+class EventChargingOverTLSTests(EventChargingTests):
+    transport = "TLS"

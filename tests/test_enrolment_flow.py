@@ -29,10 +29,11 @@ EXPECTED_FLOW = [
 
 class EnrolmentOverUDPTests(unittest.TestCase):
     settings: tuple = ()
+    transport = "UDP"
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.mpay = MpayFixture(self, *self.settings)
+        self.mpay = MpayFixture(self, *self.settings, transport=self.transport)
         yield self.mpay.start()
 
     @defer.inlineCallbacks
@@ -47,7 +48,8 @@ class EnrolmentOverUDPTests(unittest.TestCase):
         self.assertEqual(open_device_key(self.mpay.as_core.master, NUMBER, record.sealed_k), k)
         self.assertNotIn(k, record.sealed_k, "K is sealed at rest")
         binding = yield self.mpay.ps_core.registrar.locations.lookup(NUMBER)
-        self.assertEqual((binding.host, binding.port), device.endpoint.sent_by)
+        self.assertEqual((binding.host, binding.port, binding.transport),
+                         (*self.mpay.source_of(device, "ps"), self.transport))
         mode = stat.S_IMODE(os.stat(device.state_path).st_mode)
         self.assertEqual(mode, 0o600, "the device keeps K in a private file")
 
@@ -266,3 +268,11 @@ class RegistrarRefusalTests(unittest.TestCase):
         self.assertEqual((yield self.answer(request)), (401, "Ticket Expired"))
         yield self.device.get_ticket()
         self.assertEqual((yield self.device.register()).status, 200)
+
+
+class EnrolmentOverTCPTests(EnrolmentOverUDPTests):
+    transport = "TCP"
+
+
+class EnrolmentOverTLSTests(EnrolmentOverUDPTests):
+    transport = "TLS"

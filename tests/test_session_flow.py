@@ -15,9 +15,11 @@ PAYEE = "+886912000777"
 
 
 class ChargedByTimeTests(unittest.TestCase):
+    transport = "UDP"
+
     @defer.inlineCallbacks
     def setUp(self):
-        self.mpay = MpayFixture(self, "ps.checkpoint_s=0.2")
+        self.mpay = MpayFixture(self, "ps.checkpoint_s=0.2", transport=self.transport)
         yield self.mpay.start()
         self.ledger = self.mpay.top.ledger
         self.consumer, self.consumer_wire = yield self.mpay.ready(CONSUMER)
@@ -196,3 +198,11 @@ class ChargedByTimeTests(unittest.TestCase):
         self.assertEqual((response.status, response.reason), (403, "Capped OTCN Is For Fixed Amounts"))
         self.assertIsNone(response.headers.get(RECEIPT_HEADER))
         self.assertEqual((yield self.balance(CONSUMER)).held, 0)
+
+
+class ChargedByTimeOverTCPTests(ChargedByTimeTests):
+    transport = "TCP"
+
+
+class ChargedByTimeOverTLSTests(ChargedByTimeTests):
+    transport = "TLS"

@@ -19,15 +19,25 @@ TOP_UP = 1_000
 
 class TransferTests(unittest.TestCase):
     settings: tuple = ("ps.transfer_timer_a_s=1",)
+    transport = "UDP"
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.mpay = MpayFixture(self, *self.settings)
+        self.mpay = MpayFixture(self, *self.settings, transport=self.transport)
         yield self.mpay.start()
         self.ledger = self.mpay.top.ledger
         self.payer, self.payer_wire = yield self.mpay.ready(PAYER)
         self.payee, self.payee_wire = yield self.mpay.ready(PAYEE)
         yield self.ledger.cash_in(PAYER, TOP_UP, f"topup-{PAYER}")
+
+    @defer.inlineCallbacks
+    def test_devices_are_bound_over_the_transport_they_use(self):
+        binding = yield self.mpay.ps_core.registrar.locations.lookup(PAYEE)
+        self.assertEqual(binding.transport, self.transport)
+        flows = self.mpay.top.endpoints["ps"].flows
+        self.assertEqual({flow.transport for flow in flows.values()},
+                         set() if self.transport == "UDP" else {self.transport})
+        self.assertEqual(len(flows), 0 if self.transport == "UDP" else 2)   # payer and payee
 
     @defer.inlineCallbacks
     def balances(self):
@@ -224,3 +234,11 @@ class TransferTests(unittest.TestCase):
         self.assertIn(f"journal_id\": {first.journal_id}".encode(), again.body)
         self.assertEqual((yield self.balances()), (930, 70), "one debit")
         self.assertEqual((yield self.queued()), [first.journal_id], "the payee is told again")
+
+
+class TransferOverTCPTests(TransferTests):
+    transport = "TCP"
+
+
+class TransferOverTLSTests(TransferTests):
+    transport = "TLS"

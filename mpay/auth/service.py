@@ -22,7 +22,7 @@ from mpay.auth.server import AuthenticationServer, ReceiverLine
 from mpay.auth.verifier import ReplayCache, TicketVerifier
 from mpay.config import Config
 from mpay.sip.endpoint import SIPEndpoint
-from mpay.sip.transport import sip_listener
+from mpay.sip.transport import sip_listener, stream_listeners
 
 log = Logger()
 
@@ -86,5 +86,7 @@ def build_as(cfg: Config, timers: Any, settings: Any, reactor: Any,
                                       sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
     core.endpoint = endpoint
     listener.setServiceParent(parent)
+    for stream in stream_listeners("as", endpoint, cfg["as"], cfg["tls"], reactor):
+        stream.setServiceParent(parent)
     parent.core, parent.listener = core, listener
     return parent, endpoint

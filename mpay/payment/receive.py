@@ -30,6 +30,7 @@ from mpay.payment.sessions import (
     REASON_EXHAUSTED, REASON_NO_ACK, REASON_REFUSED, SessionKeeper,
 )
 from mpay.payment.transfer import ANONYMOUS, ANONYMOUS_URI, REFUSALS
+from mpay.sip.stream import address_of
 from mpay.sip.dialog import Dialog
 from mpay.sip.endpoint import SIPTimeout
 from mpay.sip.uri import parse_uri
@@ -152,7 +153,7 @@ class ChargeService:
             return self._refuse(txn, 404, "Consumer Not Reachable")
         charge = fsm.ChargeRequest(merchant, consumer, amount=amount, rate=rate,
                                    anonymous=otcn is not None, timer_a_s=self.timer_a_s)
-        live = _Live(self, charge, txn, request, (binding.host, binding.port))
+        live = _Live(self, charge, txn, request, address_of(binding))
         self.live[request.call_id] = live
         self._forward(live)
         self._run(live, charge.start())

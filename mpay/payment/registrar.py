@@ -17,6 +17,7 @@ from mpay import e164
 from mpay.auth.wire import digest_of
 from mpay.auth.tickets import AUTHENTICATOR_HEADER, TICKET_HEADER
 from mpay.auth.verifier import TicketRefused, TicketVerifier
+from mpay.sip.stream import transport_of
 from mpay.sip.headers import parse_name_addr
 from mpay.sip.message import ParseError, Request
 from mpay.sip.transaction import ServerTransaction
@@ -100,7 +101,8 @@ class Registrar:
             txn.respond_with(400, "Bad Contact")
             return
         host, port = txn.addr
-        binding = Binding(number, contact_uri, host, port, "UDP", self.clock() + expires)
+        binding = Binding(number, contact_uri, host, port, transport_of(txn.addr),
+                          self.clock() + expires)
         done = defer.maybeDeferred(self.locations.bind, binding, expires)
 
         def bound(_):

@@ -16,6 +16,7 @@ from mpay.payment.receive import ChargeService
 from mpay.payment.registrar import Registrar
 from mpay.payment.transfer import TRANSFER_CONTENT_TYPE, CreditTransfer
 from mpay.sip.message import Request
+from mpay.sip.stream import transport_of
 from mpay.sip.transaction import ServerTransaction
 
 
@@ -23,18 +24,32 @@ class PaymentServer:
     role = "ps"
 
     def __init__(self, registrar: Registrar, transfer: CreditTransfer, otcn: OTCNIssuer,
-                 charges: ChargeService) -> None:
+                 charges: ChargeService, require_tls: bool = False) -> None:
         self.registrar = registrar
+        self.require_tls = require_tls
         self.charges = charges
         self.transfer = transfer
         self.otcn = otcn
         registrar.on_registered.append(transfer.deliver_queued)
         # MESSAGE carries several services; its Content-Type says which.
         self.messages = {TRANSFER_CONTENT_TYPE: transfer, OTCN_REQUEST_CONTENT_TYPE: otcn}
-        self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message, "RECEIVE": charges,
-                         "BYE": charges.bye}
+        self.handlers = {"REGISTER": registrar.register, "MESSAGE": self.message,
+                         "RECEIVE": self.receive, "BYE": charges.bye}
+
+    def _in_clear(self, txn: ServerTransaction) -> bool:
+        """With ``ps.require_tls``, a payment request over UDP or TCP is refused (403)."""
+        if self.require_tls and transport_of(txn.addr) != "TLS":
+            txn.respond_with(403, "TLS Required")
+            return True
+        return False
+
+    def receive(self, txn: ServerTransaction, request: Request) -> None:
+        if not self._in_clear(txn):
+            self.charges(txn, request)
 
     def message(self, txn: ServerTransaction, request: Request) -> None:
+        if self._in_clear(txn):
+            return
         handler = self.messages.get(media_type(request))
         if handler is None:
             txn.respond_with(415, headers=[("Accept", ", ".join(sorted(self.messages)))])

@@ -29,7 +29,7 @@ from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
 from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
-from mpay.sip.transport import sip_listener
+from mpay.sip.transport import sip_listener, stream_listeners
 from mpay.stores.location import MemoryLocationStore, RedisLocationStore, connect_redis
 from mpay.stores.otcn import MemoryOTCNStore, RedisOTCNStore
 
@@ -105,12 +105,15 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         timers=timers, clock=reactor.seconds, timer_a_s=cfg["ps"]["charge_timer_a_s"],
         owner=cfg["ps"]["instance_id"], checkpoint_s=cfg["ps"]["checkpoint_s"])
     core = PaymentServer(registrar, transfer,
-                         OTCNIssuer(registrar.authenticate, otcns, cfg["otcn"]["lifetime_s"]), charges)
+                         OTCNIssuer(registrar.authenticate, otcns, cfg["otcn"]["lifetime_s"]), charges,
+                         require_tls=cfg["ps"]["require_tls"])
     sip = cfg["sip"]
     endpoint, listener = sip_listener("ps", cfg["ps"]["listen"], core, timers, settings,
                                       sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
     transfer.endpoint = charges.endpoint = endpoint
     listener.setServiceParent(parent)
+    for stream in stream_listeners("ps", endpoint, cfg["ps"], cfg["tls"], reactor):
+        stream.setServiceParent(parent)
     sessions = SessionService(charges, ledger)
     sessions.setName("ps-sessions")
     sessions.setServiceParent(parent)  # after the listener: recovery sends BYEs

@@ -35,6 +35,7 @@ from mpay.ledger.api import MAX_AMOUNT_MINOR, Outcome, TransferResult
 from mpay.payment import receipt as receipts
 from mpay.payment.body import json_body
 from mpay.payment.notices import NoticeQueue
+from mpay.sip.stream import address_of
 from mpay.sip.endpoint import SIPTimeout
 from mpay.sip.message import Request
 from mpay.sip.transaction import ServerTransaction
@@ -238,7 +239,7 @@ class CreditTransfer:
             flow.advance(TransferState.QUEUED)
             return (202, "Payee Offline, Notice Queued")
         flow.advance(TransferState.WAIT_PAYEE)
-        delivered = self._send_notice(payee, (binding.host, binding.port), notice)
+        delivered = self._send_notice(payee, address_of(binding), notice)
         confirmed = yield self._within_timer_a(delivered)
         if not confirmed:
             queued = self.notices.push(payee, journal_id, notice)
@@ -294,7 +295,7 @@ class CreditTransfer:
     def deliver_queued(self, number: str, binding: Any) -> defer.Deferred:
         """The payee registered: send what waited for it.  Each notice stays queued until
         the device answers 2xx; fires when every one has been answered or timed out."""
-        addr = (binding.host, binding.port)
+        addr = address_of(binding)
 
         def send(notices: list) -> defer.Deferred:
             sends = []

@@ -9,11 +9,12 @@ is kept in the ledger's session row.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from mpay.sip.headers import ParseError, parse_name_addr
 from mpay.sip.message import Request, Response
+from mpay.sip.stream import Flow, transport_of
 from mpay.sip.useragent import build_request
 
 
@@ -50,13 +51,19 @@ class Dialog:
                              from_tag=self.local_tag, to_tag=self.remote_tag, **kwargs)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {field.name: getattr(self, field.name) for field in fields(self)}
+        data["peer"] = [self.peer[0], self.peer[1], transport_of(self.peer)]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Dialog:
-        fields = dict(data)
-        fields["peer"] = (str(fields["peer"][0]), int(fields["peer"][1]))
-        return cls(**fields)
+        """A stored dialog; a stream peer comes back as a flow to be resolved when sent on."""
+        values = dict(data)
+        host, port, *transport = values["peer"]
+        transport = transport[0] if transport else "UDP"
+        values["peer"] = (str(host), int(port)) if transport == "UDP" else \
+            Flow(str(host), int(port), transport)
+        return cls(**values)
 
 
 def _target(message: Request | Response, fallback: str) -> str:

@@ -30,6 +30,8 @@ KNOWN_METHODS = frozenset({
 })
 ALWAYS_ALLOWED = ("ACK", "CANCEL", "OPTIONS")
 DEFAULT_SIP_PORT = 5060
+MAX_FLOWS = 10_000
+"""Stream connections one endpoint keeps (all its TCP and TLS listeners together)."""
 
 Handler = Callable[[ServerTransaction, Request], None]
 
@@ -62,7 +64,9 @@ def response_destination(request: Request, source: tuple[str, int]) -> tuple[str
             via.params["rport"] = str(port)
         request.set_top_via(via)
         if rport is not None:
-            return (host, port)
+            return source
+    if getattr(source, "reliable", False):
+        return source   # a stream: back over the connection the request came on (18.2.2)
     return (host, via.port or DEFAULT_SIP_PORT)
 
 
@@ -76,7 +80,17 @@ class SIPEndpoint:
                  max_transactions: int = MAX_TRANSACTIONS):
         self.role = role
         self.core = core
-        self.write: Callable[[bytes, Any], None] = self._not_listening
+        # Every message leaves through write(): UDP datagrams through udp_write (set by the
+        # UDP listener), stream messages over their flow's connection.
+        self.write: Callable[[bytes, Any], None] = self._route
+        self.udp_write: Callable[[bytes, Any], None] = self._not_listening
+        self.flows: dict[tuple[str, str, int], Any] = {}   # (transport, host, port) -> Flow
+        self.max_flows = MAX_FLOWS
+        self.stream_ports: dict[str, int] = {}            # transport -> our listening port
+        self.stream_errors: Counter = Counter()          # why connections were closed
+        # A device's endpoint opens streams itself: connector(flow) -> Deferred firing
+        # with the live flow.  A server's has none: it never connects out.
+        self.connector: Callable[[Any], defer.Deferred] | None = None
         # Our address as peers should see it in Via and Contact; set by the transport.
         self.sent_by: tuple[str, int] | None = None
         self.requests: Counter = Counter()     # method -> received (retransmissions included)
@@ -90,6 +104,42 @@ class SIPEndpoint:
 
     def _not_listening(self, data: bytes, addr: Any) -> None:
         raise RuntimeError("SIPEndpoint used before a transport was attached")
+
+    # -- flows: the stream connections (stream.py) ---------------------------
+    def add_flow(self, flow: Any) -> bool:
+        if len(self.flows) >= self.max_flows:
+            return False
+        self.flows[flow.key] = flow
+        return True
+
+    def remove_flow(self, flow: Any) -> None:
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+
+    def close_flows(self, transport: str | None = None) -> defer.Deferred:
+        """Close every connection (of *transport*); fires once all are gone."""
+        closing = [flow.connection.close() for flow in list(self.flows.values())
+                   if transport in (None, flow.transport)]
+        return defer.gatherResults(closing, consumeErrors=True)
+
+    def live(self, addr: Any) -> Any:
+        """The live flow for a stream address (recalled ones included), or None; UDP: *addr*."""
+        transport = getattr(addr, "transport", "UDP")
+        if transport == "UDP":
+            return addr
+        connection = getattr(addr, "connection", None)
+        if connection is not None and connection.connected:
+            return addr
+        return self.flows.get((transport, addr[0], addr[1]))
+
+    def _route(self, data: bytes, addr: Any) -> None:
+        if getattr(addr, "transport", "UDP") == "UDP":
+            self.udp_write(data, addr)
+            return
+        flow = self.live(addr)
+        if flow is None:
+            raise ConnectionError(f"no {addr.transport} connection to {addr[0]}:{addr[1]}")
+        flow.connection.write(data)
 
     def send(self, data: bytes, addr: Any) -> None:
         try:
@@ -106,6 +156,26 @@ class SIPEndpoint:
         Fails with :class:`SIPTimeout` when the transaction gives up (64 x T1).
         """
         result: defer.Deferred = defer.Deferred()
+        reliable = getattr(addr, "reliable", False)
+        if reliable:
+            flow = self.live(addr)
+            if flow is None and self.connector is not None:   # a device: connect, then send
+                connecting = self.connector(addr)
+                connecting.addCallback(lambda flow: self.send_request(request, flow, on_provisional))
+                connecting.addErrback(lambda failure: failure if failure.check(SIPTimeout) else
+                                      defer.fail(SIPTimeout(f"cannot connect to {addr!r}:"
+                                                            f" {failure.getErrorMessage()}")))
+                return connecting
+            if flow is None:   # never over another transport: the device is unreachable
+                return defer.fail(SIPTimeout(f"no {addr.transport} connection to"
+                                             f" {addr[0]}:{addr[1]}"))
+            via = request.top_via
+            if via.transport != flow.transport:   # the transport fills in its Via (18.1.1)
+                via.transport = flow.transport
+                if flow.transport in self.stream_ports:
+                    via.port = self.stream_ports[flow.transport]
+                request.set_top_via(via)
+            addr = flow
 
         def on_response(response):
             if response.status < 200:
@@ -118,7 +188,7 @@ class SIPEndpoint:
             if not result.called:
                 result.errback(SIPTimeout(f"no answer to {request.method} from {addr[0]}:{addr[1]}"))
 
-        self.layer.request(request, addr, on_response, on_timeout)
+        self.layer.request(request, addr, on_response, on_timeout, reliable=reliable)
         return result
 
     def _count_response(self, method: str, status: int) -> None:
@@ -134,7 +204,8 @@ class SIPEndpoint:
             if isinstance(message, Request):
                 method = message.method
                 self.requests[method if method in KNOWN_METHODS else "other"] += 1
-                self.layer.receive_request(message, response_destination(message, addr))
+                self.layer.receive_request(message, response_destination(message, addr),
+                                           reliable=getattr(addr, "reliable", False))
             else:
                 self.layer.receive_response(message, addr)
         except Exception:

@@ -22,17 +22,17 @@ UDP_RCVBUF_BYTES = 1 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
-def parse_udp_description(description: str) -> tuple[int, str]:
-    """``udp:PORT[:interface=ADDR]`` -> (port, interface)."""
+def parse_udp_description(description: str, scheme: str = "udp") -> tuple[int, str]:
+    """``udp:PORT[:interface=ADDR]`` (or *scheme*:...) -> (port, interface)."""
     parts = description.split(":")
-    if len(parts) < 2 or parts[0] != "udp":
-        raise ValueError(f"not a UDP listener description: {description!r}")
+    if len(parts) < 2 or parts[0] != scheme:
+        raise ValueError(f"not a {scheme.upper()} listener description: {description!r}")
     port = int(parts[1])
     interface = ""
     for option in parts[2:]:
         name, _, value = option.partition("=")
         if name != "interface":
-            raise ValueError(f"unknown UDP listener option {name!r} in {description!r}")
+            raise ValueError(f"unknown listener option {name!r} in {description!r}")
         interface = value
     return port, interface
 
@@ -44,7 +44,7 @@ class SIPDatagramProtocol(DatagramProtocol):
         self.endpoint = endpoint
 
     def startProtocol(self) -> None:
-        self.endpoint.write = self.transport.write
+        self.endpoint.udp_write = self.transport.write
         host = self.transport.getHost()
         if self.endpoint.sent_by is None:
             # A wildcard bind has no address to advertise; loopback until configured otherwise.
@@ -117,3 +117,28 @@ def sip_listener(role: str, description: str, core, timers, settings: TimerSetti
     listener = UDPListenerService(description, endpoint, reactor=reactor, rcvbuf_bytes=rcvbuf_bytes)
     listener.setName(f"{role}-sip")
     return endpoint, listener
+
+
+def stream_listeners(role: str, endpoint: SIPEndpoint, server_cfg: dict, tls_cfg: dict,
+                     reactor) -> list[service.Service]:
+    """The TCP and TLS listeners a server's section asks for (``listen_tcp``, ``listen_tls``)."""
+    from twisted.internet import endpoints
+
+    from mpay.sip.stream import StreamListenerService
+    from mpay.sip.tls import server_options
+
+    listeners: list[service.Service] = []
+    for transport in ("tcp", "tls"):
+        description = server_cfg[f"listen_{transport}"]
+        if not description:
+            continue
+        port, interface = parse_udp_description(description, transport)
+        if transport == "tcp":
+            server = endpoints.TCP4ServerEndpoint(reactor, port, interface=interface)
+        else:
+            server = endpoints.SSL4ServerEndpoint(reactor, port, server_options(tls_cfg),
+                                                  interface=interface)
+        listener = StreamListenerService(server, endpoint, transport.upper(), description)
+        listener.setName(f"{role}-sip-{transport}")
+        listeners.append(listener)
+    return listeners
