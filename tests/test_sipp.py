@@ -7,7 +7,7 @@ cannot, this test says so as a skip instead of pretending to have passed.
 import os
 import shutil
 
-from twisted.internet import defer, utils
+from twisted.internet import defer, protocol, reactor, task, utils
 from twisted.trial import unittest
 
 import tap
@@ -17,6 +17,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "sipp", "run_sipp.sh")
 SCENARIO = os.path.join(HERE, "sipp", "options_retransmit.xml")
 CALLS = 50
+OPTIONS_OVER_TLS = (b"OPTIONS sip:ps@127.0.0.1 SIP/2.0\r\n"
+                    b"Via: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bK-openssl-1\r\n"
+                    b"Max-Forwards: 70\r\nFrom: <sip:o@x>;tag=o1\r\nTo: <sip:ps@x>\r\n"
+                    b"Call-ID: openssl-1@x\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+
+
+class _OpenSSL(protocol.ProcessProtocol):
+    """``openssl s_client``: writes one request, hangs up once the answer is in."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.out = self.err = b""
+        self.ended = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def outReceived(self, data):
+        self.out += data
+        if b"\r\n\r\n" in self.out:
+            self.transport.closeStdin()
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
 
 
 class SIPpInteropTests(unittest.TestCase):
@@ -24,23 +51,60 @@ class SIPpInteropTests(unittest.TestCase):
         skip = "SIPp is not installed (Debian package sip-tester; `make test` installs it as root)"
 
     @defer.inlineCallbacks
-    def test_sipp_options_and_retransmission_processed_once(self):
+    def start_ps(self):
+        """A PS alone, on UDP, TCP and TLS ports of its own."""
         # A PS alone needs the K_PS file its AS was given (split roles share it).
-        k_ps = os.path.abspath(self.mktemp())
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        k_ps = os.path.join(directory, "k_ps.keys")
         ensure_keyring(k_ps)
         options = tap.Options()
         options.parseOptions(["--role", "ps", "--ps-listen", "udp:0:interface=127.0.0.1",
-                              "--metrics-listen", "", "--set", f"tickets.k_ps_keys={k_ps}"])
+                              "--metrics-listen", "", "--set", f"tickets.k_ps_keys={k_ps}",
+                              "--set", "ps.listen_tcp=tcp:0:interface=127.0.0.1",
+                              "--set", "ps.listen_tls=tls:0:interface=127.0.0.1",
+                              "--set", f"ps.signing_key={directory}/ps.pem",
+                              "--set", f"tls.certificate={directory}/tls.crt",
+                              "--set", f"tls.private_key={directory}/tls.key"])
         top = tap.makeService(options)
         top.startService()
         self.addCleanup(top.stopService)
-        target = f"127.0.0.1:{top.listeners['ps'].port}"
-
-        out, err, status = yield utils.getProcessOutputAndValue(
-            "/bin/sh", [SCRIPT, target, SCENARIO, str(CALLS)], env=os.environ)
-        self.assertEqual(status, 0, (out + err).decode(errors="replace"))
-
         endpoint = top.endpoints["ps"]
+        yield task.deferLater(reactor, 0, lambda: None)   # the stream listeners are up
+        self.assertEqual(set(endpoint.stream_ports), {"TCP", "TLS"})
+        return top, endpoint, directory
+
+    @defer.inlineCallbacks
+    def test_sipp_options_and_retransmission_processed_once(self):
+        top, endpoint, _ = yield self.start_ps()
+        yield self.sipp_run(f"127.0.0.1:{top.listeners['ps'].port}", "u1", endpoint)
+
+    @defer.inlineCallbacks
+    def test_sipp_over_tcp_options_and_repeat_processed_once(self):
+        _, endpoint, _ = yield self.start_ps()
+        yield self.sipp_run(f"127.0.0.1:{endpoint.stream_ports['TCP']}", "t1", endpoint)
+        self.assertEqual(endpoint.flows, {}, "SIPp's connection is gone")
+
+    @defer.inlineCallbacks
+    def test_openssl_client_gets_200_to_options_over_tls(self):
+        """Debian's SIPp is built without TLS (no -t l1): OpenSSL's own client stands in."""
+        _, endpoint, directory = yield self.start_ps()
+        client = _OpenSSL(OPTIONS_OVER_TLS)
+        reactor.spawnProcess(client, "openssl", [
+            "openssl", "s_client", "-connect", f"127.0.0.1:{endpoint.stream_ports['TLS']}",
+            "-CAfile", f"{directory}/tls.crt", "-verify_return_error", "-brief",
+            "-verify_ip", "127.0.0.1"], env=os.environ)
+        yield client.ended
+        self.assertIn(b"SIP/2.0 200 OK", client.out, client.err)
+        self.assertIn(b"CSeq: 1 OPTIONS", client.out)
+        self.assertRegex(client.err.decode(), r"Protocol version: TLSv1\.[23]")
+        self.assertIn("Verification: OK", client.err.decode())
+
+    @defer.inlineCallbacks
+    def sipp_run(self, target, mode, endpoint):
+        out, err, status = yield utils.getProcessOutputAndValue(
+            "/bin/sh", [SCRIPT, target, SCENARIO, str(CALLS), mode], env=os.environ)
+        self.assertEqual(status, 0, (out + err).decode(errors="replace"))
         self.assertEqual(endpoint.requests["OPTIONS"], 2 * CALLS)
         self.assertEqual(endpoint.responses[("OPTIONS", 200)], CALLS, "each request processed once")
         self.assertEqual(endpoint.layer.stats["retransmissions_absorbed"], CALLS)

@@ -242,3 +242,34 @@ class TransferOverTCPTests(TransferTests):
 
 class TransferOverTLSTests(TransferTests):
     transport = "TLS"
+
+
+class RequireTLSTests(unittest.TestCase):
+    """``ps.require_tls``: registering works over any transport, paying only over TLS."""
+
+    @defer.inlineCallbacks
+    def pay_over(self, transport):
+        mpay = MpayFixture(self, "ps.require_tls=true", transport=transport)
+        yield mpay.start()
+        payer, _ = yield mpay.ready(PAYER)
+        yield mpay.ready(PAYEE)
+        yield mpay.top.ledger.cash_in(PAYER, TOP_UP, f"topup-{PAYER}")
+        try:
+            response, _ = yield payer.transfer(PAYEE, 100)
+        except DeviceError as exc:
+            response = str(exc)
+        balance = yield mpay.top.ledger.balance(PAYER)
+        return response, balance.balance
+
+    @defer.inlineCallbacks
+    def test_a_payment_in_clear_gets_403_and_moves_nothing(self):
+        for transport in ("UDP", "TCP"):
+            answer, balance = yield self.pay_over(transport)
+            self.assertIn("403 TLS Required", answer)
+            self.assertEqual(balance, TOP_UP)
+
+    @defer.inlineCallbacks
+    def test_a_payment_over_tls_goes_through(self):
+        response, balance = yield self.pay_over("TLS")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(balance, TOP_UP - 100)

@@ -56,7 +56,14 @@ _CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([0-9]+)[ \t]*
 
 
 class FramingError(Exception):
-    """The byte stream cannot be cut into SIP messages; the connection must close."""
+    """The byte stream cannot be cut into SIP messages; the connection must close.
+
+    ``kind`` names the problem for the counters.
+    """
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
 
 
 class StreamFramer:
@@ -98,16 +105,20 @@ class StreamFramer:
             end = buffer.find(b"\r\n\r\n", start, start + self.max_header_bytes + 4)
             if end < 0:
                 if size - start > self.max_header_bytes:
-                    raise FramingError(f"no end of headers within {self.max_header_bytes} bytes")
+                    raise FramingError("header_too_large",
+                                       f"no end of headers within {self.max_header_bytes} bytes")
                 break
             head_end = end + 4
             lengths = set(_CONTENT_LENGTH.findall(buffer, start, end + 2))
             if len(lengths) != 1:
-                raise FramingError("a message on a stream needs exactly one Content-Length"
-                                   if not lengths else "conflicting Content-Length values")
+                raise FramingError(
+                    "conflicting_content_length" if lengths else "no_content_length",
+                    "conflicting Content-Length values" if lengths
+                    else "a message on a stream needs exactly one Content-Length")
             length = int(lengths.pop())
             if length > self.max_body_bytes:
-                raise FramingError(f"Content-Length {length} exceeds {self.max_body_bytes}")
+                raise FramingError("body_too_large",
+                                   f"Content-Length {length} exceeds {self.max_body_bytes}")
             if size < head_end + length:
                 break
             messages.append(bytes(buffer[start:head_end + length]))
@@ -208,7 +219,7 @@ class SIPStreamProtocol(protocol.Protocol):
         try:
             messages, pings = self.framer.feed(data)
         except FramingError as exc:
-            self.endpoint.stream_errors[str(exc).split(" ")[0]] += 1
+            self.endpoint.stream_errors[exc.kind] += 1
             self.log.info("{role}: closing {flow}: {why}", role=self.endpoint.role,
                           flow=self.flow, why=exc)
             self.transport.abortConnection()
@@ -237,11 +248,11 @@ class SIPStreamProtocol(protocol.Protocol):
             if timer is not None:
                 timer.cancel()
         self._idle = self._keepalive = None
+        if self.flow is not None:
+            self.endpoint.remove_flow(self.flow)
         if not self.connected_once.called:   # refused, or the TLS handshake failed
             self.connected_once.errback(reason or ConnectionError("connection lost"))
             self.connected_once.addErrback(lambda failure: None)   # a server side has no waiter
-        if self.flow is not None:
-            self.endpoint.remove_flow(self.flow)
         if not self.lost.called:
             self.lost.callback(None)
 

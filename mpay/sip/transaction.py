@@ -118,7 +118,10 @@ class ServerTransaction:
         settings = self.layer.settings
         if not self.invite:
             self.state = State.COMPLETED
-            self._after(0 if self.reliable else 64 * settings.t1_s, self._terminate)   # Timer J
+            # Timer J.  RFC 3261 makes it 0 on a stream, where nothing is retransmitted;
+            # we keep the 64 x T1 of UDP there too, so that a duplicate (a peer's bug, or
+            # a re-send on a new connection) is absorbed, never run twice.
+            self._after(64 * settings.t1_s, self._terminate)
         elif status < 300:
             self.state = State.ACCEPTED
             self.layer._accepted[(self.request.call_id, self.request.cseq[0])] = self
