@@ -15,6 +15,7 @@ import sys
 from twisted.internet import defer, protocol, reactor, utils
 from twisted.trial import unittest
 
+from mpay.sip import tls
 from tests.flow import MpayFixture
 
 CONSUMER = "+886912345678"
@@ -45,12 +46,20 @@ class DmdCommandLineTests(unittest.TestCase):
         yield self.mpay.start()
         self.ini = os.path.join(self.mpay.dir, "mpay.ini")
         with open(self.ini, "w") as handle:
+            streams = {role: {kind: self.mpay.address(role, kind.upper())[1]
+                              for kind in ("tcp", "tls")} for role in ("as", "ps")}
             handle.write(f"""[as]
 listen = udp:{self.mpay.address('as')[1]}:interface=127.0.0.1
+listen_tcp = tcp:{streams['as']['tcp']}:interface=127.0.0.1
+listen_tls = tls:{streams['as']['tls']}:interface=127.0.0.1
 signing_key = {self.mpay.dir}/as.pem
 [ps]
 listen = udp:{self.mpay.address('ps')[1]}:interface=127.0.0.1
+listen_tcp = tcp:{streams['ps']['tcp']}:interface=127.0.0.1
+listen_tls = tls:{streams['ps']['tls']}:interface=127.0.0.1
 signing_key = {self.mpay.dir}/ps.pem
+[tls]
+certificate = {self.mpay.dir}/tls.crt
 [callerid]
 sim_control = {self.mpay.dir}/modem.sock
 """)
@@ -148,3 +157,25 @@ sim_control = {self.mpay.dir}/modem.sock
         yield answered
         self.assertIn("603 Decline", refused)
         self.assertEqual((yield self.mpay.top.ledger.balance(CONSUMER)).balance, TOP_UP_MINOR - 700)
+
+    @defer.inlineCallbacks
+    def test_enrol_and_pay_over_tcp_and_over_tls(self):
+        for transport, payer in (("tcp", CONSUMER), ("tls", MERCHANT)):
+            for step in ("enroll", "ticket", "register"):
+                yield self.dmd(payer, "--transport", transport, step, payer)
+            binding = yield self.mpay.ps_core.registrar.locations.lookup(payer)
+            self.assertEqual(binding.transport, transport.upper())
+            yield self.mpay.top.ledger.cash_in(payer, TOP_UP_MINOR, f"cli-topup-{transport}")
+        paid = yield self.dmd(CONSUMER, "--transport", "tls", "transfer", CONSUMER, MERCHANT, "250")
+        # The merchant registered over TLS but its connection closed with its process.
+        self.assertIn("202 Payee Offline, Notice Queued", paid)
+        self.assertIn(f"250 TWD from {CONSUMER} to {MERCHANT}", paid)
+        self.assertEqual(self.mpay.top.endpoints["ps"].flows, {}, "every CLI connection closed")
+
+    @defer.inlineCallbacks
+    def test_a_certificate_not_trusted_is_refused(self):
+        other = os.path.join(self.mpay.dir, "other")
+        tls.make_self_signed(other + ".crt", other + ".key", ["127.0.0.1"])
+        refused = yield self.dmd(CONSUMER, "--transport", "tls", "--tls-trust", other + ".crt",
+                                 "enroll", CONSUMER, expect=1)
+        self.assertIn("certificate verify failed", refused)

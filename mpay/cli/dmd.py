@@ -9,6 +9,7 @@
     mpay-dmd charge +886223334444 TARGET 1200  # merchant: a fixed amount (number or OTCN)
     mpay-dmd session start +886223334444 TARGET 50 [--seconds 60]  # merchant: 50 per second
     mpay-dmd session stop +886223334444 [CALL-ID]   # end a session started with --detach
+    mpay-dmd --transport tls transfer ...      # over TLS (or tcp), checking the server's cert
 
 As a consumer, ``listen`` asks on the terminal whether to pay each charge
 request (amount or rate, and the merchant), or pays every one with
@@ -38,7 +39,9 @@ from mpay.payment import receipt as receipts
 from mpay.payment.receipt import RECEIPT_HEADER
 from mpay.sim.device import Device, DeviceError, DeviceState
 from mpay.sip.dialog import Dialog
+from mpay.sip import tls
 from mpay.sip.endpoint import SIPEndpoint, SIPTimeout
+from mpay.sip.stream import Flow, open_flow
 from mpay.sip.transport import UDPListenerService, parse_udp_description
 from mpay.timewheel import TimeWheel, TimeWheelService
 
@@ -70,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ps-key", help="the PS's pinned Ed25519 public key file (receipts)")
     parser.add_argument("--state", help=f"device state file (default {STATE_DIR}/NUMBER.json)")
     parser.add_argument("--bind", default="127.0.0.1", help="local address to send from")
+    parser.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp",
+                        help="how to reach the servers (tcp/tls: their listen_tcp/listen_tls)")
+    parser.add_argument("--tls-trust", help="the servers' pinned certificate or their CA (PEM);"
+                                            " default: the configured tls.certificate")
     commands = parser.add_subparsers(dest="command", required=True)
     session = commands.add_parser("session", help="merchant: a session charged by time")
     actions = session.add_subparsers(dest="action", required=True)
@@ -111,12 +118,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _server_address(cfg: mpay_config.Config, role: str, transport: str, given=None):
+    """Where *role* is reached over *transport*: the --as/--ps address or its configured listener."""
+    if transport == "udp":
+        return given or _address(cfg[role]["listen"])
+    if given is None:
+        description = cfg[role][f"listen_{transport}"]
+        if not description:
+            raise DeviceError(f"the servers' configuration has no {role}.listen_{transport}")
+        port, interface = parse_udp_description(description, transport)
+        given = (interface if interface not in ("", "0.0.0.0") else "127.0.0.1", port)
+    return Flow(given[0], given[1], transport.upper())
+
+
 def start_device(reactor, cfg: mpay_config.Config, state: DeviceState, state_path: str | None, *,
                  bind: str = "127.0.0.1", as_addr=None, ps_addr=None, as_key=None, ps_key=None,
-                 quiet: bool = False):
+                 quiet: bool = False, transport: str = "udp", tls_trust: str | None = None):
     """A running Sim-DMD for the servers *cfg* describes: (device, stop() -> Deferred)."""
     as_key = as_key or _public_path(cfg["as"]["signing_key"])
     ps_key = ps_key or _public_path(cfg["ps"]["signing_key"])
+    as_addr = _server_address(cfg, "as", transport, as_addr)
+    ps_addr = _server_address(cfg, "ps", transport, ps_addr)
 
     def ring(number: str, line: str) -> defer.Deferred:
         from mpay.sim.modem import ring_via_control
@@ -127,18 +149,25 @@ def start_device(reactor, cfg: mpay_config.Config, state: DeviceState, state_pat
 
     timers = TimeWheelService(TimeWheel(tick_s=cfg["timewheel"]["tick_ms"] / 1000.0), reactor=reactor)
     device = Device(state, domain=cfg["server"]["domain"],
-                    as_addr=as_addr or _address(cfg["as"]["listen"]),
-                    ps_addr=ps_addr or _address(cfg["ps"]["listen"]),
+                    as_addr=as_addr, ps_addr=ps_addr,
                     as_identity=cfg["as"]["identity"], pinned_as_key=load_public_key(as_key),
                     ring=ring, clock=reactor.seconds, reactor=reactor, state_path=state_path,
                     pinned_ps_key=load_public_key(ps_key) if os.path.exists(ps_key) else None)
     device.endpoint = SIPEndpoint("dmd", device, timers)
     listener = UDPListenerService(f"udp:0:interface={bind}", device.endpoint, reactor=reactor)
+    if transport != "udp":
+        options = None
+        if transport == "tls":
+            options = tls.client_options(ps_addr[0], tls_trust or cfg["tls"]["certificate"],
+                                         cfg["tls"]["min_version"])
+        endpoint = device.endpoint
+        endpoint.connector = lambda flow: open_flow(reactor, endpoint, flow.transport, flow, options)
     timers.startService()
     listener.startService()
 
     @defer.inlineCallbacks
     def stop():
+        yield device.endpoint.close_flows()
         yield listener.stopService()
         timers.stopService()
 
@@ -160,7 +189,8 @@ def run(reactor, args: argparse.Namespace):
     os.makedirs(os.path.dirname(state_path) or ".", exist_ok=True)
     device, stop = start_device(reactor, cfg, state, state_path, bind=args.bind,
                                 as_addr=args.as_addr, ps_addr=args.ps_addr,
-                                as_key=args.as_key, ps_key=args.ps_key)
+                                as_key=args.as_key, ps_key=args.ps_key,
+                                transport=args.transport, tls_trust=args.tls_trust)
     as_key = args.as_key or _public_path(cfg["as"]["signing_key"])
     try:
         if args.command == "enroll":
@@ -325,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def failed(failure):
             failure.trap(DeviceError, SIPTimeout, e164.InvalidNumber, mpay_config.ConfigError,
-                         OSError, defer.TimeoutError, ValueError)
+                         OSError, defer.TimeoutError, ValueError, tls.TLSConfigError)
             print(f"mpay-dmd: {failure.getErrorMessage()}", file=sys.stderr)
             raise SystemExit(1)
 
