@@ -87,7 +87,7 @@ class StatsTests(unittest.TestCase):
     def test_a_200_after_the_timeout_is_a_failure(self):
         stats = RunStats.from_outcomes(60, [outcome(0, 200, 1.0), outcome(1, 200, 5_001.0)],
                                        TIMEOUT_S)
-        self.assertEqual(stats.succeeded, 1)
+        self.assertEqual((stats.succeeded, stats.late, stats.status_text()), (1, 1, "200:2"))
 
     def test_nothing_succeeded(self):
         stats = RunStats.from_outcomes(60, [outcome(0, 503, 1.0)], TIMEOUT_S)

@@ -40,15 +40,14 @@ from mpay.load import schedule as schedules
 from mpay.load.capacity import (
     DEFAULT_MAX_RUNS, DEFAULT_RESOLUTION, STRICT_SUCCESS, THESIS_SUCCESS, CapacitySearch,
 )
-from mpay.load.report import ProgressBar, plot, summary_line, write_csv
+from mpay.load.report import (
+    THESIS_CAPACITY_PER_MIN, ProgressBar, plot, summary_line, write_csv,
+)
 from mpay.load.run import (
     DEFAULT_COUNT_PER_RATE, DEFAULT_PAYEES, DEFAULT_PAYERS, DEFAULT_WORKERS, RESPONSE_TIMEOUT_S,
     LoadRunner, LoadSettings, RateReport, Target,
 )
 from mpay.load.server import ServerProcess, free_udp_ports
-
-THESIS_CAPACITY_PER_MIN = 1_600
-"""The thesis's payment server: success fell under 90 % above this rate."""
 
 DEFAULT_RATES_PER_MIN = (1_000, 1_600, 3_000, 6_000, 12_000)
 DEFAULT_SEARCH_START_PER_MIN = 6_000

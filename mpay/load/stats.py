@@ -46,6 +46,7 @@ class RunStats:
     p50_ms: float
     p99_ms: float
     lag_p99_ms: float
+    late: int = 0                          # 200s that came after the timeout (failures)
     statuses: dict[str, int] = field(default_factory=dict)
     server_cpu_pct: float = math.nan       # of one core; 200 is both cores of this machine
     generator_cpu_pct: float = math.nan
@@ -60,7 +61,7 @@ class RunStats:
                       **measured: float) -> "RunStats":
         """Statistics of *outcomes*; *measured* are the CPU figures and the run's duration."""
         outcomes = list(outcomes)
-        latencies, succeeded, statuses = [], [], Counter()
+        latencies, succeeded, statuses, late = [], [], Counter(), 0
         for outcome in outcomes:
             statuses["none" if outcome.status is None else str(outcome.status)] += 1
             ok = (outcome.status == SUCCESS_STATUS and outcome.latency_s is not None
@@ -68,13 +69,15 @@ class RunStats:
             latencies.append(outcome.latency_s if ok else math.inf)
             if ok:
                 succeeded.append(outcome.latency_s)
+            elif outcome.status == SUCCESS_STATUS:
+                late += 1
         latencies.sort()
         lags = sorted(outcome.lag_s for outcome in outcomes)
         return cls(rate_per_min=rate_per_min, sent=len(outcomes), succeeded=len(succeeded),
                    mean_ms=1000 * sum(succeeded) / len(succeeded) if succeeded else math.nan,
                    p50_ms=1000 * percentile(latencies, 0.50),
                    p99_ms=1000 * percentile(latencies, 0.99),
-                   lag_p99_ms=1000 * percentile(lags, 0.99),
+                   lag_p99_ms=1000 * percentile(lags, 0.99), late=late,
                    statuses=dict(sorted(statuses.items())), **measured)
 
     def status_text(self) -> str:
