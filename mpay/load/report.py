@@ -14,7 +14,8 @@ from typing import IO, Iterable
 from mpay.load.run import RateReport
 
 CSV_FIELDS = ("rate_per_min", "count", "succeeded", "success", "mean_ms", "p50_ms", "p99_ms",
-              "send_lag_p99_ms", "server_cpu_pct", "generator_cpu_pct", "duration_s",
+              "send_lag_p99_ms", "server_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
+              "busiest_sender_cpu_pct", "precompute_us", "duration_s",
               "statuses", "late", "resent", "audit_ok", "journal_checked", "journal_missing")
 
 THESIS_CAPACITY_PER_MIN = 1_600
@@ -37,6 +38,9 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "p99_ms": _figure(stats.p99_ms, 2), "send_lag_p99_ms": _figure(stats.lag_p99_ms, 2),
             "server_cpu_pct": _figure(stats.server_cpu_pct, 1),
             "generator_cpu_pct": _figure(stats.generator_cpu_pct, 1),
+            "payee_cpu_pct": _figure(report.payee_cpu_pct, 1),
+            "busiest_sender_cpu_pct": _figure(report.busiest_sender_cpu_pct, 1),
+            "precompute_us": _figure(report.precompute_us, 0),
             "duration_s": _figure(stats.duration_s, 2), "statuses": stats.status_text(),
             "late": str(stats.late), "resent": str(report.resent), "audit_ok": str(report.audit_ok).lower(),
             "journal_checked": str(report.journal_checked),
@@ -59,6 +63,7 @@ def summary_line(report: RateReport) -> str:
     return (f"{row['rate_per_min']:>8s}/min  success {row['success']}  mean {row['mean_ms']} ms"
             f"  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  server CPU"
             f" {row['server_cpu_pct']} %  generator CPU {row['generator_cpu_pct']} %"
+            f" (busiest sender {row['busiest_sender_cpu_pct']} %)"
             f"  [{row['statuses']}, late {row['late']}]  books {books}")
 
 

@@ -105,6 +105,9 @@ class RateReport:
     journal_checked: int             # journal ids of 200s looked up
     journal_missing: int             # ... of which not in the journal (must be 0)
     resent: int                      # requests the senders had to retransmit
+    payee_cpu_pct: float = math.nan          # this process: the payees (and the bookkeeping)
+    busiest_sender_cpu_pct: float = math.nan  # a sender near 100 % was the bottleneck itself
+    precompute_us: float = math.nan          # sender CPU to build one signed request
 
     @property
     def books_ok(self) -> bool:
@@ -215,7 +218,8 @@ class LoadRunner:
                                       env=dict(os.environ), path=REPO)
             sender.send(self._plan(worker, share))
             senders.append(sender)
-        yield defer.gatherResults([sender.ready for sender in senders], consumeErrors=True)
+        readies = yield defer.gatherResults([sender.ready for sender in senders],
+                                            consumeErrors=True)
         start_at = self.reactor.seconds() + START_DELAY_S
         server_cpu_before = self._server_cpu()
         own_cpu_before = cpu_s()
@@ -225,7 +229,8 @@ class LoadRunner:
                                             consumeErrors=True)
         duration_s = self.reactor.seconds() - start_at
         server_cpu_s = self._server_cpu() - server_cpu_before
-        generator_cpu_s = cpu_s() - own_cpu_before + sum(result["cpu_s"] for result in results)
+        payee_cpu_s = cpu_s() - own_cpu_before
+        generator_cpu_s = payee_cpu_s + sum(result["cpu_s"] for result in results)
         self.progress(count, count)
         outcomes = [Outcome(*entry) for result in results for entry in result["result"]]
         stats = RunStats.from_outcomes(
@@ -235,8 +240,13 @@ class LoadRunner:
         journal_ids = [outcome.journal_id for outcome in outcomes if outcome.journal_id is not None]
         missing = self._missing_from_journal(journal_ids)
         code, output = yield run_admin(self.target.ledger_path, "audit")
-        return RateReport(stats, code == 0, output.strip(), len(journal_ids), missing,
-                          sum(result["resent"] for result in results))
+        built = sum(ready["ready"] for ready in readies)
+        return RateReport(
+            stats, code == 0, output.strip(), len(journal_ids), missing,
+            sum(result["resent"] for result in results),
+            payee_cpu_pct=100 * payee_cpu_s / duration_s,
+            busiest_sender_cpu_pct=max(100 * result["cpu_s"] / duration_s for result in results),
+            precompute_us=1e6 * sum(ready["precompute_cpu_s"] for ready in readies) / max(built, 1))
 
     def _server_cpu(self) -> float:
         return process_cpu_s(self.target.pid) if self.target.pid is not None else float("nan")
