@@ -182,6 +182,7 @@ class MpayFixture:
             endpoint.connector = lambda flow: open_flow(reactor, endpoint, flow.transport, flow,
                                                         options)
             self.testcase.addCleanup(endpoint.close_flows)
+            self.testcase.addCleanup(setattr, device, "stopping", True)   # runs first
         return device, Recorder(endpoint)
 
 

@@ -9,6 +9,7 @@ from mpay.payment.receipt import SIGNATURE_HEADER
 from mpay.payment.transfer import ANONYMOUS, ANONYMOUS_URI
 from mpay.sim.device import DeviceError
 
+from mpay.sip.stream import address_of
 from tests.flow import MpayFixture
 
 PAYER = "+886912345678"
@@ -241,6 +242,40 @@ class TransferOverTCPTests(TransferTests):
 
 
 class TransferOverTLSTests(TransferTests):
+    transport = "TLS"
+
+
+class ReconnectTests(unittest.TestCase):
+    """A device on a stream whose connection the PS loses registers again over a new one."""
+
+    transport = "TCP"
+
+    @defer.inlineCallbacks
+    def test_a_payee_whose_connection_dropped_is_paid_over_its_new_one(self):
+        mpay = MpayFixture(self, transport=self.transport)
+        yield mpay.start()
+        payer, _ = yield mpay.ready(PAYER)
+        payee, _ = yield mpay.ready(PAYEE)
+        payee.stay_registered()
+        yield mpay.top.ledger.cash_in(PAYER, TOP_UP, f"topup-{PAYER}")
+        locations = mpay.ps_core.registrar.locations
+        before = yield locations.lookup(PAYEE)
+        ps = mpay.top.endpoints["ps"]
+        [payee_flow] = [flow for flow in ps.flows.values() if flow[1] == before.port]
+        yield payee_flow.connection.close()          # the PS side drops it
+
+        @defer.inlineCallbacks
+        def bound_again():
+            binding = yield locations.lookup(PAYEE)
+            return binding.port != before.port and ps.live(address_of(binding)) is not None
+
+        yield mpay.eventually(bound_again)
+        response, receipt = yield payer.transfer(PAYEE, 100)
+        self.assertEqual(response.status, 200, "delivered over the new connection")
+        self.assertEqual([notice["amount"] for notice in payee.notices], [100])
+
+
+class ReconnectOverTLSTests(ReconnectTests):
     transport = "TLS"
 
 

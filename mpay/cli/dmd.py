@@ -167,6 +167,7 @@ def start_device(reactor, cfg: mpay_config.Config, state: DeviceState, state_pat
 
     @defer.inlineCallbacks
     def stop():
+        device.stopping = True
         yield device.endpoint.close_flows()
         yield listener.stopService()
         timers.stopService()
@@ -233,8 +234,11 @@ def run(reactor, args: argparse.Namespace):
                 f"received {notice['amount']} {notice['currency']} from {notice['from']} "
                 f"(journal #{notice['journal_id']}, receipt verified)", flush=True)
             yield device.register()
+            if args.transport != "udp":
+                device.stay_registered()   # a lost connection: connect, REGISTER again
             print(f"listening for {args.seconds:.0f} s as {number} ...", flush=True)
             yield task.deferLater(reactor, args.seconds, lambda: None)
+            device.stopping = True
             yield device.register(0)
             print(f"{len(device.notices)} notice(s)")
     finally:

@@ -35,6 +35,8 @@ from mpay.sip.dialog import Dialog
 from mpay.sip.message import Request, Response
 from mpay.sip.useragent import build_request, new_call_id
 
+REREGISTER_FIRST_S = 1.0    # a lost stream to the PS: first REGISTER again after this
+REREGISTER_MAX_S = 32.0     # ... then doubling up to this between tries
 REFER_WAIT_S = 40.0          # the AS sends its REFER Timer A after the 401; allow retransmissions
 SIPFRAG_CALL_PLACED = b"SIP/2.0 200 OK\r\n"
 
@@ -111,6 +113,7 @@ class Device:
         self.on_notice: Callable[[dict], None] | None = None
         self._refer: defer.Deferred | None = None
         self._cseq = 0
+        self.stopping = False   # set when the device shuts down: no more re-registering
 
     def ack_received(self, request: Request, addr: Any) -> None:
         """No INVITE dialogs on the device yet."""
@@ -248,6 +251,34 @@ class Device:
         response = yield self.endpoint.send_request(self.authenticate(request), self.ps_addr)
         self._expect(response, 200, "REGISTER to the PS")
         return response
+
+    def stay_registered(self, expires_s: int = 3600) -> None:
+        """Over a stream: whenever the connection to the PS is lost, connect again and
+        REGISTER over the new one (a binding is only as good as its connection), retrying
+        after REREGISTER_FIRST_S, doubling up to REREGISTER_MAX_S."""
+        endpoint = self.endpoint
+        delay = [REREGISTER_FIRST_S]
+
+        def again() -> None:
+            attempt = self.register(expires_s)
+
+            def done(_):
+                delay[0] = REREGISTER_FIRST_S
+
+            def failed(failure):
+                self.log.info("dmd: REGISTER again failed ({why}); next try in {delay} s",
+                              why=failure.getErrorMessage(), delay=delay[0])
+                self.reactor.callLater(delay[0], again)
+                delay[0] = min(2 * delay[0], REREGISTER_MAX_S)
+
+            attempt.addCallbacks(done, failed)
+
+        def lost(flow) -> None:
+            if tuple(flow) == tuple(self.ps_addr) and flow.transport == getattr(
+                    self.ps_addr, "transport", "UDP") and not self.stopping:
+                self.reactor.callLater(delay[0], again)
+
+        endpoint.flow_lost.append(lost)
 
     # -- payments ------------------------------------------------------------------
     def transfer_request(self, payee: str, amount: int, conceal: bool = False,

@@ -91,6 +91,7 @@ class SIPEndpoint:
         # A device's endpoint opens streams itself: connector(flow) -> Deferred firing
         # with the live flow.  A server's has none: it never connects out.
         self.connector: Callable[[Any], defer.Deferred] | None = None
+        self.flow_lost: list[Callable[[Any], None]] = []   # called with each closed flow
         # Our address as peers should see it in Via and Contact; set by the transport.
         self.sent_by: tuple[str, int] | None = None
         self.requests: Counter = Counter()     # method -> received (retransmissions included)
@@ -115,6 +116,8 @@ class SIPEndpoint:
     def remove_flow(self, flow: Any) -> None:
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
+            for hook in list(self.flow_lost):
+                hook(flow)
 
     def close_flows(self, transport: str | None = None) -> defer.Deferred:
         """Close every connection (of *transport*); fires once all are gone."""

@@ -92,3 +92,20 @@ def client_options(hostname: str, trust_path: str, min_version: str = "1.2"):
     return ssl.optionsForClientTLS(hostname, trustRoot=trust,
                                    extraCertificateOptions={
                                        "raiseMinimumTo": TLS_VERSIONS[min_version]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mpay.sip.tls CERT KEY NAME...``: a development certificate by hand."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 3:
+        print("usage: python -m mpay.sip.tls CERT.pem KEY.pem NAME [NAME...]", file=sys.stderr)
+        return 2
+    make_self_signed(args[0], args[1], args[2:])
+    print(f"self-signed certificate for {', '.join(args[2:])}: {args[0]} (key {args[1]}, 0600)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
