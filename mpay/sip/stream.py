@@ -272,6 +272,8 @@ class SIPStreamProtocol(protocol.Protocol):
 
 
 class SIPStreamFactory(protocol.Factory):
+    noisy = False   # a line per connection is for debugging, not for operators
+
     def __init__(self, endpoint: SIPEndpoint, transport_name: str,
                  keepalive_s: float | None = None):
         self.endpoint = endpoint
