@@ -15,6 +15,7 @@ on stdout.
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 from typing import Any, Callable
@@ -120,6 +121,7 @@ class PayerSimulator:
         """Send on the schedule from *start_at*; fires with the ``result`` report."""
         self.start_at = start_at
         self._cpu_at_start = cpu_s()
+        gc.disable()      # no collector pause of ours in a latency; the process ends after the run
         self._progress = task.LoopingCall(self._report_progress)
         self._progress.clock = self.reactor
         self._progress.start(PROGRESS_EVERY_S, now=False)
