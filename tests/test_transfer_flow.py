@@ -1,6 +1,6 @@
 """Credit transfer over real UDP, one test per outcome (issue 5, DESIGN section 6)."""
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mpay import e164
@@ -19,7 +19,7 @@ TOP_UP = 1_000
 
 
 class TransferTests(unittest.TestCase):
-    settings: tuple = ("ps.transfer_timer_a_s=1",)
+    settings: tuple = ("ps.transfer_timer_a_s=1", "as.timer_f_s=0.5")
     transport = "UDP"
 
     @defer.inlineCallbacks
@@ -218,6 +218,18 @@ class TransferTests(unittest.TestCase):
 
         self.payer.authenticate = forge
         yield self.refused(self.payer.transfer(PAYEE, 100), "403 Payer Signature Invalid")
+
+    @defer.inlineCallbacks
+    def test_a_payer_enrolled_anew_is_not_refused_for_its_new_key(self):
+        yield self.payer.transfer(PAYEE, 10)           # the PS now has the old key cached
+        again, _ = self.mpay.device(PAYER)              # a new phone: new keys, same number
+        yield task.deferLater(reactor, 1.0, lambda: None)   # the first enrolment's Timer F
+        yield again.enroll()
+        yield again.get_ticket()
+        response, receipt = yield again.transfer(PAYEE, 20)
+        self.assertEqual((response.status, receipt.amount), (200, 20))
+        keys = self.mpay.ps_core.transfer.device_keys
+        self.assertEqual(keys.misses, 2, "the cached old key failed, the new one was read")
 
     @defer.inlineCallbacks
     def test_bad_amounts_get_400(self):

@@ -54,3 +54,55 @@ class LedgerDeviceKeyStore:
     def load(self, number: str):
         key = yield self.ledger.device_key(number)
         return None if key is None else DeviceRecord(key.number, key.encrypted_k, key.ed25519_pub)
+
+
+DEVICE_KEY_CACHE_S = 30.0
+"""How long the PS trusts a device key it read, before reading it again."""
+
+MAX_CACHED_DEVICE_KEYS = 100_000
+"""Device keys one PS process keeps in memory; the oldest go first."""
+
+
+class CachedDeviceKeys:
+    """Device keys for the PS's signature checks, without a database read per payment.
+
+    A key is kept DEVICE_KEY_CACHE_S.  A device that enrols again has a new
+    key: a signature that fails against a cached key is checked once more
+    against a fresh read (``reload``), so a re-enrolled device is never
+    refused; an old key stays usable no longer than its tickets already do.
+    Processes sharing one ledger need no coordination for this.
+    """
+
+    def __init__(self, store: DeviceKeyStore, clock, ttl_s: float = DEVICE_KEY_CACHE_S,
+                 max_entries: int = MAX_CACHED_DEVICE_KEYS):
+        self.store = store
+        self.clock = clock
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._cache: dict[str, tuple[float, DeviceRecord]] = {}
+        self.hits = self.misses = 0
+
+    def load(self, number: str) -> defer.Deferred:
+        entry = self._cache.get(number)
+        if entry is not None and entry[0] > self.clock():
+            self.hits += 1
+            return defer.succeed(entry[1])
+        return self.reload(number)
+
+    def reload(self, number: str) -> defer.Deferred:
+        """Read *number*'s key from the store, whatever is cached."""
+        self.misses += 1
+        self._cache.pop(number, None)
+
+        def loaded(record):
+            if record is not None:
+                if len(self._cache) >= self.max_entries:
+                    del self._cache[next(iter(self._cache))]   # the oldest entry
+                self._cache[number] = (self.clock() + self.ttl_s, record)
+            return record
+
+        return defer.maybeDeferred(self.store.load, number).addCallback(loaded)
+
+    def cached(self, number: str) -> bool:
+        entry = self._cache.get(number)
+        return entry is not None and entry[0] > self.clock()

@@ -16,7 +16,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mpay.auth.devicekeys import LedgerDeviceKeyStore
+from mpay.auth.devicekeys import CachedDeviceKeys, LedgerDeviceKeyStore
 from mpay.auth.keyfiles import ensure_signing_key
 from mpay.auth.service import k_ps_ring, ticket_verifier
 from mpay.config import Config
@@ -93,7 +93,7 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         guard = MemoryGuessGuard(timers, reactor.seconds, **limits)
     registrar = Registrar(ticket_verifier(cfg, k_ps_ring(cfg)), locations, reactor.seconds)
     transfer = CreditTransfer(
-        authenticate=registrar.authenticate, ledger=ledger, device_keys=LedgerDeviceKeyStore(ledger),
+        authenticate=registrar.authenticate, ledger=ledger, device_keys=CachedDeviceKeys(LedgerDeviceKeyStore(ledger), reactor.seconds),
         locations=locations, notices=NoticeQueue(ledger), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,

@@ -182,14 +182,10 @@ class CreditTransfer:
             return self._refuse(txn, flow, 403, str(exc))
         if asked.payee == payer:
             return self._refuse(txn, flow, 400, "Payer Is Payee")
-        record = yield self.device_keys.load(payer)
         digest = digest_of(request)
-        try:
-            if record is None:
-                raise receipts.ReceiptError("Payer Not Enrolled")
-            receipts.verify_request(record.device_key, digest, signature)
-        except receipts.ReceiptError as exc:
-            return self._refuse(txn, flow, 403, str(exc))
+        refusal = yield self._check_signature(payer, digest, signature)
+        if refusal:
+            return self._refuse(txn, flow, 403, refusal)
         key = f"{payer}|{request.call_id}|{request.cseq[0]}"
         result: TransferResult = yield self.ledger.transfer(
             payer, asked.payee, asked.amount, key, "transfer", reference=request.call_id,
@@ -205,34 +201,63 @@ class CreditTransfer:
         # moved once, and the same receipt is due.  Whether the payee ever heard of it is
         # not known here, so it is told again (it drops a journal id it has seen): 200
         # still means "the payee confirmed", never only "committed".
-        status, reason = yield self._notify_payee(flow, receipt, asked.conceal)
-        self._answer(txn, status, reason, receipt, result)
+        signed = receipts.sign_receipt(self.ps_key, receipt)   # once: payer and payee share it
+        status, reason = yield self._notify_payee(flow, receipt, asked.conceal, signed)
+        self._answer(txn, status, reason, signed, result)
 
-    def _answer(self, txn: ServerTransaction, status: int, reason: str,
-                receipt: receipts.Receipt, result: TransferResult) -> None:
+    @defer.inlineCallbacks
+    def _check_signature(self, payer: str, digest: bytes, signature: bytes):
+        """None if the payer's device signed *digest*, else the reason phrase (403).
+
+        A cached key that fails is read again once: the device may have enrolled anew.
+        """
+        keys = self.device_keys
+        fresh = not getattr(keys, "cached", lambda number: False)(payer)
+        record = yield keys.load(payer)
+        for attempt in range(2):
+            try:
+                if record is None:
+                    raise receipts.ReceiptError("Payer Not Enrolled")
+                receipts.verify_request(record.device_key, digest, signature)
+                return None
+            except receipts.ReceiptError as exc:
+                if fresh or attempt:
+                    return str(exc)
+                record = yield keys.reload(payer)
+                fresh = True
+        raise AssertionError("unreachable")
+
+    def _answer(self, txn: ServerTransaction, status: int, reason: str, signed_receipt: str,
+                result: TransferResult) -> None:
         self.outcomes[reason] = self.outcomes.get(reason, 0) + 1
         body = json.dumps({"journal_id": result.journal_id, "amount": result.amount,
                            "balance": result.payer_balance_after}).encode()
         txn.respond_with(status, reason, headers=[
-            (receipts.RECEIPT_HEADER, receipts.sign_receipt(self.ps_key, receipt)),
+            (receipts.RECEIPT_HEADER, signed_receipt),
             ("Content-Type", RESULT_CONTENT_TYPE)], body=body)
 
     # -- the payee's notice ----------------------------------------------------
-    def notice(self, receipt: receipts.Receipt, conceal: bool) -> bytes:
-        """What the payee is told: the payer only when not concealed (RFC 3323)."""
+    def notice(self, receipt: receipts.Receipt, conceal: bool, signed: str | None = None) -> bytes:
+        """What the payee is told: the payer only when not concealed (RFC 3323).
+
+        *signed* is the payer's receipt, already signed: the same one serves the
+        payee unless the payer is concealed (then the payee's says "anonymous").
+        """
         shown = receipt._replace(payer=ANONYMOUS) if conceal else receipt
+        if conceal or signed is None:
+            signed = receipts.sign_receipt(self.ps_key, shown)
         return json.dumps({"journal_id": shown.journal_id, "from": shown.payer,
                            "amount": shown.amount, "currency": shown.currency,
-                           "created": shown.created,
-                           "receipt": receipts.sign_receipt(self.ps_key, shown)}).encode()
+                           "created": shown.created, "receipt": signed}).encode()
 
     @defer.inlineCallbacks
-    def _notify_payee(self, flow: TransferFlow, receipt: receipts.Receipt, conceal: bool):
+    def _notify_payee(self, flow: TransferFlow, receipt: receipts.Receipt, conceal: bool,
+                      signed: str):
         """(status, reason) for the payer: 200 once the payee confirmed, else 202 once the
         notice is queued in the ledger (if that fails, the payer's 503 invites a safe re-send)."""
         payee, journal_id = receipt.payee, receipt.journal_id
         notice = (ANONYMOUS_URI if conceal else e164.sip_uri(receipt.payer, self.domain),
-                  self.notice(receipt, conceal))
+                  self.notice(receipt, conceal, signed))
         binding = yield self.locations.lookup(payee)
         if binding is None:
             yield self.notices.push(payee, journal_id, notice)
