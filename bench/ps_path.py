@@ -122,7 +122,9 @@ def main(reactor, argv=None):
     n = args.transfers
     reactor_us, writer_us = main_cpu / n * 1e6, (cpu - main_cpu) / n * 1e6
     if profile:
-        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profile)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats("mpay", 40)
     print(f"{n} transfers in {elapsed:.2f} s: {n / elapsed:,.0f}/s; reactor thread"
           f" {reactor_us:.0f} us and other threads (ledger) {writer_us:.0f} us of CPU per"
           f" transfer; budget {BUDGET_US:.0f} us of reactor time")

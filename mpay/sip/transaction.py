@@ -28,9 +28,9 @@ State machines (RFC 3261 figures 5-8, with RFC 6026's Accepted state):
 
 from __future__ import annotations
 
-import secrets
 from typing import Any, Callable, Protocol
 
+from mpay.sip import useragent
 from mpay.sip.client_transaction import ClientTransaction
 from mpay.sip.message import Request, Response, make_response
 from mpay.sip.timing import INVITE_STYLE_METHODS, State, TimerSettings
@@ -203,7 +203,7 @@ class TransactionLayer:
         self.tu = tu
         self.settings = settings
         self.max_transactions = max_transactions
-        self.new_tag = new_tag or (lambda: secrets.token_hex(6))
+        self.new_tag = new_tag or useragent.new_tag
         self.count_response = count_response or (lambda method, status: None)
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}

@@ -7,7 +7,7 @@ mandatory headers, built here once.
 
 from __future__ import annotations
 
-import secrets
+import os
 from typing import Iterable
 
 from mpay.sip.message import MAGIC_COOKIE, Headers, Request
@@ -17,16 +17,43 @@ BRANCH_RANDOM_BYTES = 8    # 64 bits: unique per transaction, per RFC 3261 8.1.1
 TAG_RANDOM_BYTES = 6
 
 
+RANDOM_POOL_BYTES = 4096
+"""Randomness drawn from the OS at a time for branches, tags and Call-IDs: one
+getrandom call per few hundred identifiers instead of one each (same source)."""
+
+CALL_ID_RANDOM_BYTES = 10
+
+
+class _RandomPool:
+    """Hex identifiers cut from a buffer of os.urandom; used on the reactor thread."""
+
+    def __init__(self, size: int = RANDOM_POOL_BYTES):
+        self.size = size
+        self._hex = ""
+        self._at = 0
+
+    def hex(self, nbytes: int) -> str:
+        end = self._at + 2 * nbytes
+        if end > len(self._hex):
+            self._hex, self._at, end = os.urandom(self.size).hex(), 0, 2 * nbytes
+        value = self._hex[self._at:end]
+        self._at = end
+        return value
+
+
+_pool = _RandomPool()
+
+
 def new_branch() -> str:
-    return MAGIC_COOKIE + secrets.token_hex(BRANCH_RANDOM_BYTES)
+    return MAGIC_COOKIE + _pool.hex(BRANCH_RANDOM_BYTES)
 
 
 def new_tag() -> str:
-    return secrets.token_hex(TAG_RANDOM_BYTES)
+    return _pool.hex(TAG_RANDOM_BYTES)
 
 
 def new_call_id(host: str) -> str:
-    return f"{secrets.token_hex(10)}@{host}"
+    return f"{_pool.hex(CALL_ID_RANDOM_BYTES)}@{host}"
 
 
 def build_request(method: str, uri: str, *, sent_by: tuple[str, int], from_uri: str,
