@@ -9,6 +9,7 @@ never discovered at the first payment.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -44,6 +45,14 @@ def _stream_listen(scheme: str) -> Callable[[str], str]:
             raise ValueError(f"must look like {scheme}:PORT[:interface=ADDR], or be empty")
         return _listen(value)
     return check
+
+
+def _addresses(value: str) -> list[str]:
+    """A comma-separated list of IP addresses (possibly empty)."""
+    addresses = [part.strip() for part in value.split(",") if part.strip()]
+    for address in addresses:
+        ipaddress.ip_address(address)   # ValueError names the bad one
+    return addresses
 
 
 def _names(value: str) -> list[str]:
@@ -148,6 +157,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timer_c_s": Key("32", _positive_float),
         "timer_d_s": Key("60", _positive_float),
         "timer_f_s": Key("32", _positive_float),
+        "register_rate_per_source_s": Key("10", _positive_float),
+        "register_burst_per_source": Key("50", _positive_int),
+        "rate_limit_exempt": Key("127.0.0.1, ::1", _addresses),
     },
     "ps": {
         "listen": Key("udp:5060:interface=127.0.0.1", _listen),

@@ -27,6 +27,7 @@ from mpay.auth.wire import digest_of
 from mpay.auth.crypto import CryptoError, KeyRing, open_device_key, seal_device_key
 from mpay.auth.devicekeys import DeviceKeyStore, DeviceRecord
 from mpay.auth.keyagreement import KeyAgreementFailed, as_complete
+from mpay.auth.ratelimit import SourceRateLimiter
 from mpay.auth.tickets import (
     AUTHENTICATOR_HEADER, SESSION_HEADER, TICKET_HEADER, TICKET_LIFETIME_S, issue_ticket,
     seal_session_part, unpack_ip,
@@ -65,7 +66,8 @@ class AuthenticationServer:
                  ps_id: str, master: KeyRing, device_keys: DeviceKeyStore,
                  lines: list[ReceiverLine], wheel: Any, clock: Callable[[], float],
                  verifier: TicketVerifier, ticket_lifetime_s: float = TICKET_LIFETIME_S,
-                 timers: fsm.EnrolmentTimers = fsm.EnrolmentTimers()):
+                 timers: fsm.EnrolmentTimers = fsm.EnrolmentTimers(),
+                 limiter: SourceRateLimiter | None = None):
         self.domain = domain
         self.identity = identity
         self.signing_key = signing_key
@@ -79,6 +81,7 @@ class AuthenticationServer:
         self.verifier = verifier
         self.ticket_lifetime_s = ticket_lifetime_s
         self.timers = timers
+        self.limiter = limiter             # per-source REGISTER rate; None: unlimited
         self.endpoint: Any = None          # the SIPEndpoint, set by whoever builds both
         self.pending: dict[str, _Pending] = {}
         self.outcomes: dict[str, int] = {}
@@ -89,6 +92,12 @@ class AuthenticationServer:
 
     # -- REGISTER ----------------------------------------------------------
     def register(self, txn: ServerTransaction, request: Request) -> None:
+        limiter = self.limiter
+        if limiter is not None and not limiter.allow(txn.addr[0]):
+            self.outcomes["rate limited"] = self.outcomes.get("rate limited", 0) + 1
+            txn.respond_with(503, "Too Many Requests From This Address",
+                             headers=[("Retry-After", str(limiter.retry_after_s(txn.addr[0])))])
+            return
         try:
             number = e164.number_from_uri(request.to_addr.uri)
             if e164.number_from_uri(request.from_addr.uri) != number:

@@ -18,6 +18,7 @@ from mpay.auth.callerid import CallerIDReceiverService
 from mpay.auth.enrolment import EnrolmentTimers
 from mpay.auth.devicekeys import LedgerDeviceKeyStore
 from mpay.auth.keyfiles import ensure_keyring, ensure_signing_key
+from mpay.auth.ratelimit import SourceRateLimiter
 from mpay.auth.server import AuthenticationServer, ReceiverLine
 from mpay.auth.verifier import ReplayCache, TicketVerifier
 from mpay.config import Config
@@ -72,7 +73,10 @@ def build_as(cfg: Config, timers: Any, settings: Any, reactor: Any,
         clock=reactor.seconds, verifier=ticket_verifier(cfg, k_ps),
         ticket_lifetime_s=tickets["lifetime_s"],
         timers=EnrolmentTimers(cfg["as"]["timer_a_s"], cfg["as"]["timer_c_s"],
-                               cfg["as"]["timer_d_s"], cfg["as"]["timer_f_s"]))
+                               cfg["as"]["timer_d_s"], cfg["as"]["timer_f_s"]),
+        limiter=SourceRateLimiter(cfg["as"]["register_rate_per_source_s"],
+                                  cfg["as"]["register_burst_per_source"], reactor.seconds,
+                                  exempt=cfg["as"]["rate_limit_exempt"]))
     for device, number in lines:
         receiver = CallerIDReceiverService(device, core.caller_id, line_id=number, default_region=region,
                                            init_commands=caller_id["init"].split(),
