@@ -30,15 +30,22 @@ from mpay.payment.server import PaymentServer
 from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.transport import sip_listener, stream_listeners
-from mpay.stores.location import MemoryLocationStore, RedisLocationStore, connect_redis
+from mpay.stores.location import (
+    BoundedRedis, MemoryLocationStore, RedisLocationStore, connect_redis,
+)
 from mpay.stores.otcn import MemoryOTCNStore, RedisOTCNStore
 
 
 class RedisService(service.Service):
-    """Owns the txredisapi pool: connects lazily, disconnects when the PS stops."""
+    """Owns the txredisapi pool: connects lazily, reconnects, disconnects when the PS stops.
 
-    def __init__(self, host: str, port: int, db: int):
+    The stores get ``bounded``: every command fails after REDIS_TIMEOUT_S, so
+    a Redis that is away means 503 and Retry-After, not a request left hanging.
+    """
+
+    def __init__(self, host: str, port: int, db: int, reactor: Any):
         self.pool = connect_redis(host, port, db)
+        self.bounded = BoundedRedis(self.pool, reactor)
 
     def stopService(self):
         super().stopService()
@@ -81,12 +88,13 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
     limits = {"limit": cfg["guard"]["limit"], "window_s": cfg["guard"]["window_s"],
               "block_s": cfg["guard"]["block_s"]}
     if location["backend"] == "redis":
-        redis = RedisService(location["redis_host"], location["redis_port"], location["redis_db"])
+        redis = RedisService(location["redis_host"], location["redis_port"], location["redis_db"],
+                             reactor)
         redis.setName("redis")
         redis.setServiceParent(parent)
-        locations: Any = RedisLocationStore(redis.pool, location["redis_prefix"])
-        otcns: Any = RedisOTCNStore(redis.pool, location["redis_prefix"], now=reactor.seconds)
-        guard: Any = RedisGuessGuard(redis.pool, location["redis_prefix"], **limits)
+        locations: Any = RedisLocationStore(redis.bounded, location["redis_prefix"])
+        otcns: Any = RedisOTCNStore(redis.bounded, location["redis_prefix"], now=reactor.seconds)
+        guard: Any = RedisGuessGuard(redis.bounded, location["redis_prefix"], **limits)
     else:
         locations = MemoryLocationStore(timers)
         otcns = MemoryOTCNStore(timers, reactor.seconds)

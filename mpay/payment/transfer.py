@@ -258,7 +258,14 @@ class CreditTransfer:
         payee, journal_id = receipt.payee, receipt.journal_id
         notice = (ANONYMOUS_URI if conceal else e164.sip_uri(receipt.payer, self.domain),
                   self.notice(receipt, conceal, signed))
-        binding = yield self.locations.lookup(payee)
+        try:
+            binding = yield self.locations.lookup(payee)
+        except Exception:
+            # The money has moved; where the payee is cannot be told: like an offline
+            # payee, its notice waits in the ledger for its next REGISTER.
+            self.log.failure("ps: location store failed; the notice for {payee} is queued",
+                             payee=payee)
+            binding = None
         if binding is None:
             yield self.notices.push(payee, journal_id, notice)
             flow.advance(TransferState.QUEUED)

@@ -110,5 +110,53 @@ def connect_redis(host: str, port: int, db: int = 0, pool_size: int = REDIS_POOL
     """A lazily connecting, reconnecting txredisapi pool (requests queue until it is up)."""
     import txredisapi
 
-    return txredisapi.lazyConnectionPool(host=host, port=port, dbid=db, poolsize=pool_size,
+    pool = txredisapi.lazyConnectionPool(host=host, port=port, dbid=db, poolsize=pool_size,
                                          reconnect=True, charset="utf-8")
+    # Back within seconds of Redis, not txredisapi's 10 s (its factory's documented knob).
+    pool._factory.maxDelay = REDIS_RECONNECT_MAX_S
+    return pool
+
+
+REDIS_RECONNECT_MAX_S = 2.0
+"""Longest pause between two attempts to reach a Redis that went away."""
+
+REDIS_TIMEOUT_S = 1.0
+"""Longest wait for one Redis command; past it the request that needed it gets 503."""
+
+
+class BoundedRedis:
+    """A txredisapi pool whose every command fails after REDIS_TIMEOUT_S.
+
+    The pool reconnects by itself and queues commands while Redis is away;
+    without a bound a request would wait for Redis forever.  With it, what
+    needs Redis fails closed (503 with Retry-After, never a fallback to
+    memory), and works again as soon as the pool has reconnected.  A command
+    timed out may still reach Redis later; every store operation is safe
+    to arrive late (a binding refreshed, an OTCN consumed unused: closed).
+    """
+
+    def __init__(self, pool, reactor, timeout_s: float = REDIS_TIMEOUT_S):
+        self._pool = pool
+        self._reactor = reactor
+        self.timeout_s = timeout_s
+        self.timeouts = 0
+
+    def __getattr__(self, name: str):
+        command = getattr(self._pool, name)
+        if not callable(command) or name in ("disconnect",):
+            return command
+
+        def bounded(*args, **kwargs):
+            result = command(*args, **kwargs)
+            if not isinstance(result, defer.Deferred):
+                return result
+            result.addTimeout(self.timeout_s, self._reactor)
+
+            def timed_out(failure):
+                failure.trap(defer.TimeoutError)
+                self.timeouts += 1
+                return failure
+
+            return result.addErrback(timed_out)
+
+        return bounded
