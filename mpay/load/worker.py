@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import resource
+from collections import deque
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -80,7 +82,8 @@ class PayerSimulator:
                                            reactor=reactor)
         self.payers = [self._payer(DeviceState(**state), plan["domain"])
                        for state in plan["payers"]]
-        self.built: list[Request] = []            # request i of this share, once built
+        self.built = 0                            # requests of the share built so far
+        self.waiting: deque[Request] = deque()    # built, not yet sent, in schedule order
         self.sent = 0
         self.outcomes: dict[int, Outcome] = {}
         self.start_at = 0.0
@@ -105,16 +108,17 @@ class PayerSimulator:
         started = cpu_s()
         self._build_until(PRECOMPUTE_AHEAD_S, limit=len(self.schedule))
         self._precompute_cpu_s = cpu_s() - started
-        return {"ready": len(self.built), "precompute_cpu_s": self._precompute_cpu_s}
+        return {"ready": self.built, "precompute_cpu_s": self._precompute_cpu_s}
 
     def _build_until(self, offset_s: float, limit: int) -> None:
         """Build the requests due before *offset_s* from the start, at most *limit* now."""
-        schedule, built = self.schedule, self.built
-        while limit > 0 and len(built) < len(schedule) and schedule[len(built)][1] < offset_s:
-            index = schedule[len(built)][0]
-            device, key = self.payers[len(built) % len(self.payers)]
+        schedule = self.schedule
+        while limit > 0 and self.built < len(schedule) and schedule[self.built][1] < offset_s:
+            index = schedule[self.built][0]
+            device, key = self.payers[self.built % len(self.payers)]
             payee = self.payees[index % len(self.payees)]
-            built.append(device.transfer_request(payee, self.amount, signing_key=key))
+            self.waiting.append(device.transfer_request(payee, self.amount, signing_key=key))
+            self.built += 1
             limit -= 1
 
     def go(self, start_at: float) -> defer.Deferred:
@@ -133,26 +137,23 @@ class PayerSimulator:
         now = self.reactor.seconds()
         schedule = self.schedule
         while self.sent < len(schedule) and self.start_at + schedule[self.sent][1] <= now:
-            if self.sent == len(self.built):      # running late: build on demand
-                self._build_until(schedule[self.sent][1] + 1e-9, limit=1)
-            self._send(self.sent, now)
-            self.sent += 1
-        self._build_until(now - self.start_at + PRECOMPUTE_AHEAD_S, limit=PRECOMPUTE_BATCH)
-        if self.sent < len(schedule):
-            due = self.start_at + schedule[self.sent][1]
-            # Still requests to build: come back at once (after the reactor's other work).
-            delay = 0.0 if len(self.built) < len(schedule) and \
-                schedule[len(self.built)][1] < now - self.start_at + PRECOMPUTE_AHEAD_S \
-                else due - self.reactor.seconds()
-            self._wake = self.reactor.callLater(max(0.0, delay), self._run)
-        else:
+            if not self.waiting:                  # running late: build on demand
+                self._build_until(math.inf, limit=1)
+            self._send(self.waiting.popleft(), now)
+        horizon = now - self.start_at + PRECOMPUTE_AHEAD_S
+        self._build_until(horizon, limit=PRECOMPUTE_BATCH)
+        if self.sent == len(schedule):
             self._deadline = self.reactor.callLater(self.timeout_s, self._finish)
             self._maybe_finish()
+            return
+        # More to build: come back after the reactor's other work; else when the next is due.
+        more = self.built < len(schedule) and schedule[self.built][1] < horizon
+        delay = 0.0 if more else self.start_at + schedule[self.sent][1] - self.reactor.seconds()
+        self._wake = self.reactor.callLater(max(0.0, delay), self._run)
 
-    def _send(self, position: int, now: float) -> None:
-        index, offset = self.schedule[position]
-        request = self.built[position]
-        self.built[position] = None      # type: ignore[call-overload]  # sent: let it go
+    def _send(self, request: Request, now: float) -> None:
+        index, offset = self.schedule[self.sent]
+        self.sent += 1
         lag = now - (self.start_at + offset)
         sent_at = self.reactor.seconds()
         answer = self.endpoint.send_request(request, self.ps_addr)

@@ -1,0 +1,84 @@
+"""The payer simulator against a stand-in PS on loopback: every request sent, built ahead.
+
+The stand-in answers each MESSAGE 200 with a journal id, and records what
+came: the simulator must send every request of its share once, each with a
+ticket, an authenticator and the payer's signature, and build them no more
+than PRECOMPUTE_AHEAD_S before they are due (here made tiny, so that most
+are built while sending).  No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import os
+
+from twisted.internet import defer, protocol, reactor
+from twisted.trial import unittest
+
+from mpay.auth.tickets import AUTHENTICATOR_HEADER, TICKET_HEADER
+from mpay.load import schedule, worker
+from mpay.load.stats import Outcome
+from mpay.payment.receipt import SIGNATURE_HEADER
+from mpay.sim.device import DeviceState
+from mpay.sip.message import make_response, parse
+
+PAYERS = ("+886910000001", "+886910000002")
+PAYEES = ["+886920000001"]
+RATE_PER_MIN = 6_000
+COUNT = 40
+
+
+class StandInPS(protocol.DatagramProtocol):
+    """Answers every MESSAGE 200 with the next journal id; keeps each request seen."""
+
+    def __init__(self):
+        self.requests = []
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        request = parse(data)
+        self.requests.append(request)
+        body = json.dumps({"journal_id": len(self.requests)}).encode()
+        self.transport.write(make_response(request, 200, body=body).to_bytes(), addr)
+
+
+def payer_state(number: str) -> dict:
+    state = DeviceState.new(number)
+    state.ticket = "ticket-of-" + number
+    state.k_c_ps = base64.b64encode(os.urandom(32)).decode()
+    return state.__dict__
+
+
+class PayerSimulatorTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_every_request_sent_once_signed_and_built_ahead_of_its_time(self):
+        self.patch(worker, "PRECOMPUTE_AHEAD_S", 0.05)
+        ps = StandInPS()
+        port = reactor.listenUDP(0, ps, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        share = schedule.split(schedule.uniform(RATE_PER_MIN, COUNT), 1)[0]
+        plan = {"ps_addr": ["127.0.0.1", port.getHost().port], "domain": "mpay.test",
+                "payers": [payer_state(number) for number in PAYERS], "payees": PAYEES,
+                "amount_minor": 1, "timeout_s": 5.0, "schedule": share}
+        reports = []
+        simulator = worker.PayerSimulator(reactor, plan, reports.append)
+        self.addCleanup(simulator.listener.stopService)
+        self.addCleanup(simulator.timers.stopService)
+        self.addCleanup(gc.enable)                     # the sender pauses its collector
+        ready = simulator.prepare()
+        self.assertLess(ready["ready"], COUNT)         # the rest is built while sending
+        result = yield simulator.go(reactor.seconds())
+
+        outcomes = [Outcome(*entry) for entry in result["result"]]
+        self.assertEqual([outcome.index for outcome in outcomes], list(range(COUNT)))
+        self.assertEqual({outcome.status for outcome in outcomes}, {200})
+        self.assertEqual(sorted(outcome.journal_id for outcome in outcomes),
+                         list(range(1, COUNT + 1)))
+        self.assertEqual(len({request.call_id for request in ps.requests}), COUNT)
+        for request in ps.requests:
+            for header in (TICKET_HEADER, AUTHENTICATOR_HEADER, SIGNATURE_HEADER):
+                self.assertTrue(request.headers.get(header), header)
+        senders = {request.from_addr.uri for request in ps.requests}
+        self.assertEqual(len(senders), len(PAYERS))
+        self.assertGreater(result["cpu_s"], 0.0)
