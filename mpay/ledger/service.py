@@ -54,22 +54,27 @@ class ReadPool:
         return deferToThreadPool(self._reactor, self._pool, self._in_thread, name, args)
 
     def _in_thread(self, name: str, args: tuple) -> object:
-        store = getattr(self._local, "store", None)
-        if store is None:
-            store = self._open_store(migrate=False)
-            with self._lock:
-                self._stores.append(store)
-            self._local.store = store
-        try:
-            return getattr(store, name)(*args)
-        except (LedgerError, ValueError):
-            raise
-        except Exception:
-            self._local.store = None  # perhaps a broken connection: the next read reconnects
-            with self._lock:
-                self._stores.remove(store)
-            store.close_quietly()
-            raise
+        """Run the query; on a broken connection (the database restarted), once more on a
+        new one: a read is safe to repeat, and its caller should not see the restart."""
+        for attempt in (1, 2):
+            store = getattr(self._local, "store", None)
+            if store is None:
+                store = self._open_store(migrate=False)
+                with self._lock:
+                    self._stores.append(store)
+                self._local.store = store
+            try:
+                return getattr(store, name)(*args)
+            except (LedgerError, ValueError):
+                raise
+            except Exception:
+                self._local.store = None
+                with self._lock:
+                    self._stores.remove(store)
+                store.close_quietly()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 class LedgerService(Service):

@@ -33,7 +33,7 @@ from mpay.payment.otcn_request import OTCN_REQUEST_CONTENT_TYPE
 from mpay.payment.transfer import NOTICE_CONTENT_TYPE, TRANSFER_CONTENT_TYPE
 from mpay.sip.dialog import Dialog
 from mpay.sip.message import Request, Response
-from mpay.sip.useragent import build_request, new_call_id
+from mpay.sip.useragent import build_request, new_branch, new_call_id
 
 REREGISTER_FIRST_S = 1.0    # a lost stream to the PS: first REGISTER again after this
 REREGISTER_MAX_S = 32.0     # ... then doubling up to this between tries
@@ -241,6 +241,17 @@ class Device:
             _b(self.state.k_c_ps), self.state.number, self.ip, wire.digest_of(request), self.clock()))
         return request
 
+    def resend(self, request: Request) -> Request:
+        """*request* again in a new transaction: new branch, fresh authenticator, the same
+        Call-ID, CSeq, body and signature.  What a wallet sends after a 503 or a lost
+        response: the PS answers it with the first one's result, never a second payment."""
+        via = request.top_via
+        via.params["branch"] = new_branch()
+        request.set_top_via(via)
+        for name in (TICKET_HEADER, AUTHENTICATOR_HEADER):
+            request.headers.remove(name)
+        return self.authenticate(request)
+
     @defer.inlineCallbacks
     def register(self, expires_s: int = 3600):
         """Tell the PS where this device is; expires 0 removes the binding."""
@@ -306,13 +317,18 @@ class Device:
         response = yield self.endpoint.send_request(request, self.ps_addr)
         if response.status not in (200, 202):
             raise DeviceError(f"transfer: {response.status} {response.reason}")
-        receipt = None
-        if self.pinned_ps_key is not None:
-            receipt = receipts.verify_receipt(self.pinned_ps_key,
-                                              response.headers.get(receipts.RECEIPT_HEADER))
-            if (receipt.payee, receipt.amount) != (payee, amount):
-                raise DeviceError(f"receipt is for {receipt.amount} to {receipt.payee}")
-        return response, receipt
+        return response, self.verified_receipt(response, payee, amount)
+
+    def verified_receipt(self, response: Response, payee: str, amount: int):
+        """The PS-signed receipt of a transfer's 2xx, checked against the pinned PS key and
+        what was asked (None without a pinned key)."""
+        if self.pinned_ps_key is None:
+            return None
+        receipt = receipts.verify_receipt(self.pinned_ps_key,
+                                          response.headers.get(receipts.RECEIPT_HEADER))
+        if (receipt.payee, receipt.amount) != (payee, amount):
+            raise DeviceError(f"receipt is for {receipt.amount} to {receipt.payee}")
+        return receipt
 
     @defer.inlineCallbacks
     def request_otcn(self, cap: int | None = None):
