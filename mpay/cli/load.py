@@ -36,6 +36,7 @@ import tempfile
 
 from twisted.internet import defer, task
 
+from mpay.auth.keyfiles import KeyFileError
 from mpay.load import schedule as schedules
 from mpay.load.capacity import (
     DEFAULT_MAX_RUNS, DEFAULT_RESOLUTION, STRICT_SUCCESS, THESIS_SUCCESS, CapacitySearch,
@@ -48,6 +49,8 @@ from mpay.load.run import (
     LoadRunner, LoadSettings, RateReport, Target,
 )
 from mpay.load.server import ServerProcess, free_udp_ports
+from mpay.sim.device import DeviceError
+from mpay.sip.endpoint import SIPTimeout
 
 DEFAULT_RATES_PER_MIN = (1_000, 1_600, 3_000, 6_000, 12_000)
 DEFAULT_SEARCH_START_PER_MIN = 6_000
@@ -58,7 +61,8 @@ of --count that a backlog absorbs within the timeout."""
 
 BAR_SUCCESS = STRICT_SUCCESS
 BAR_P99_MS = 50.0
-"""Issue 7's bar: success >= 99.9 % with p99 <= 50 ms."""
+BAR_RATE_PER_MIN = 180_000
+"""Issue 7's bar: 180,000 per minute at success >= 99.9 % with p99 <= 50 ms."""
 EXIT_OK, EXIT_BOOKS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 
@@ -154,7 +158,7 @@ def bar_line(reports: list[RateReport]) -> str:
     best = max(met, key=lambda stats: stats.rate_per_min)
     return (f"bar (success >= {BAR_SUCCESS:.1%}, p99 <= {BAR_P99_MS:g} ms): met up to"
             f" {best.rate_per_min:.0f}/min (p99 {best.p99_ms:.1f} ms) of the rates run;"
-            f" issue 7 asks 180000/min")
+            f" issue 7 asks {BAR_RATE_PER_MIN}/min")
 
 
 @defer.inlineCallbacks
@@ -191,7 +195,10 @@ def sweep(reactor, args: argparse.Namespace):
             if args.find_capacity else None
         pending = list(args.rates)
         while True:
-            rate = search.next_rate() if search is not None else (pending.pop(0) if pending else None)
+            if search is not None:
+                rate = search.next_rate()
+            else:
+                rate = pending.pop(0) if pending else None
             if rate is None:
                 break
             bar.start(f"{rate:g}/min")
@@ -220,7 +227,8 @@ def sweep(reactor, args: argparse.Namespace):
 def run(reactor, args: argparse.Namespace):
     try:
         reports = yield sweep(reactor, args)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, KeyFileError, defer.FirstError, DeviceError,
+            SIPTimeout) as exc:
         print(f"mpay-load: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.csv:

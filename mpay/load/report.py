@@ -42,7 +42,8 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "busiest_sender_cpu_pct": _figure(report.busiest_sender_cpu_pct, 1),
             "precompute_us": _figure(report.precompute_us, 0),
             "duration_s": _figure(stats.duration_s, 2), "statuses": stats.status_text(),
-            "late": str(stats.late), "resent": str(report.resent), "audit_ok": str(report.audit_ok).lower(),
+            "late": str(stats.late), "resent": str(report.resent),
+            "audit_ok": str(report.audit_ok).lower(),
             "journal_checked": str(report.journal_checked),
             "journal_missing": str(report.journal_missing)}
 

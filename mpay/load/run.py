@@ -150,7 +150,8 @@ class _Sender(protocol.ProcessProtocol):
         for waiting in (self.ready, self.result):
             if not waiting.called:
                 text = bytes(self._stderr).decode("utf-8", "replace")
-                waiting.errback(RuntimeError(f"a payer process ended early: {reason.value}\n{text}"))
+                waiting.errback(RuntimeError(
+                    f"a payer process ended early: {reason.value}\n{text}"))
 
 
 class LoadRunner:
