@@ -18,8 +18,8 @@ import tempfile
 from twisted.internet import defer, task
 
 from mpay.load.devices import SimDevices
-from mpay.load.server import (  # noqa: F401  (re-exported for the crash tests)
-    MPAY_ADMIN, REPO, ServerProcess, free_udp_ports, probe_options, run_admin,
+from mpay.load.server import (  # noqa: F401  (free_udp_ports, run_admin: for the crash tests)
+    ServerProcess, free_udp_ports, run_admin,
 )
 
 
