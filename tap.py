@@ -6,6 +6,7 @@
     |-- as                caller-ID receivers + UDP listener -> AuthenticationServer
     |                     (mpay/auth/service.py)
     |-- ps                [redis pool] + UDP listener -> PaymentServer (mpay/payment/service.py)
+    |-- overload          the reactor's lag: past sip.shed_lag_ms new work gets 503
     |-- metrics           Prometheus page (loopback)
     `-- manhole           SSH (loopback, only when configured)
 """
@@ -25,6 +26,7 @@ from mpay.ops.manhole import ManholeConfigError, manhole_service
 from mpay.ops.metrics import metrics_service
 from mpay.payment.service import build_ps
 from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.overload import RESUME_BELOW_LAG_S, LagMonitorService, OverloadGuard
 from mpay.sip.timing import TimerSettings
 from mpay.sip.tls import TLSConfigError
 from mpay.sip.transport import UDPListenerService
@@ -125,6 +127,16 @@ def makeService(options: Options, reactor=None) -> MpayService:
         top.listeners[name] = parent.listener
         top.cores[name] = parent.core
 
+    shed_lag_s = sip["shed_lag_ms"] / 1000.0
+    if shed_lag_s and top.endpoints:
+        # One reactor, one lag: the AS and PS of this process share the guard.
+        guard = OverloadGuard(shed_lag_s, min(RESUME_BELOW_LAG_S, shed_lag_s / 2))
+        monitor = LagMonitorService(guard, reactor)
+        monitor.setName("overload")
+        monitor.setServiceParent(top)
+        for endpoint in top.endpoints.values():
+            endpoint.layer.guard = guard
+        top.overload = guard
     if cfg["metrics"]["listen"]:
         sources = {}
         if "as" in top.cores:

@@ -62,6 +62,13 @@ def _names(value: str) -> list[str]:
     return names
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -221,6 +228,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "t4_ms": Key("5000", _positive_int),
         "udp_rcvbuf_bytes": Key("1048576", _positive_int),
         "max_transactions": Key("100000", _positive_int),
+        "shed_lag_ms": Key("250", _non_negative_int),
     },
     "timewheel": {"tick_ms": Key("100", _positive_int)},
     "metrics": {"listen": Key("tcp:9460:interface=127.0.0.1", _listen)},

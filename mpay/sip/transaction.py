@@ -33,6 +33,7 @@ from typing import Any, Callable, Protocol
 from mpay.sip import useragent
 from mpay.sip.client_transaction import ClientTransaction
 from mpay.sip.message import Request, Response, make_response
+from mpay.sip.overload import SHED_RETRY_AFTER_S, OverloadGuard
 from mpay.sip.timing import INVITE_STYLE_METHODS, State, TimerSettings
 
 MAX_TRANSACTIONS = 100_000
@@ -209,6 +210,7 @@ class TransactionLayer:
         self.client: dict[tuple, ClientTransaction] = {}
         self._by_branch: dict[tuple, ServerTransaction] = {}
         self._accepted: dict[tuple, ServerTransaction] = {}
+        self.guard: OverloadGuard | None = None   # overload control (overload.py), if any
         self.stats = {
             "retransmissions_absorbed": 0, "responses_resent": 0, "ack_timeouts": 0,
             "late_responses": 0, "overload_refusals": 0, "stray_responses": 0,
@@ -235,9 +237,14 @@ class TransactionLayer:
                 accepted._ack_2xx()
             self.tu.ack_received(request, addr)
             return
-        if len(self.server) >= self.max_transactions:
+        guard = self.guard
+        if len(self.server) >= self.max_transactions or (
+                guard is not None and guard.refuses(method)):
+            # Stateless: no transaction is made for what is refused (RFC 3261 21.5.4).
             self.stats["overload_refusals"] += 1
-            response = make_response(request, 503, headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER_S))])
+            response = make_response(request, 503, headers=[("Retry-After", str(
+                OVERLOAD_RETRY_AFTER_S if len(self.server) >= self.max_transactions
+                else SHED_RETRY_AFTER_S))])
             self.send(response.to_bytes(), addr)
             self.count_response(method, 503)
             return
