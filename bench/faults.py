@@ -59,8 +59,7 @@ def main(reactor, argv=None):
 
         yield traffic.run(args.operations, args.concurrency, progress)
         elapsed = time.perf_counter() - started
-        numbers = [d.state.number for group in devices.values() for d in group]
-        problems = yield check_books(mpay.top.ledger, traffic.outcomes, numbers)
+        problems = yield check_books(mpay.top.ledger, traffic.outcomes)
     finally:
         yield cleanups.run()
     totals = traffic.outcomes.totals()

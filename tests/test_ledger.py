@@ -281,6 +281,19 @@ class LedgerRulesMixin:
         self.assertEqual(self.store.balance(SETTLEMENT).balance, -40)
         self.assertAuditOK()
 
+    def test_journal_pages_cover_the_journal_in_id_order(self):
+        self.store.cash_in(A, 1000, "k1")
+        for index in range(5):
+            self.store.transfer(A, B, 10, f"t{index}")
+        first = self.store.journal_page(0, 4)
+        rest = self.store.journal_page(first[-1].id, 4)
+        ids = [entry.id for entry in first + rest]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(ids), 6)
+        self.assertEqual(self.store.journal_page(ids[-1], 4), [])
+        with self.assertRaises(ValueError):
+            self.store.journal_page(0, 0)
+
     def test_statement_is_newest_first_and_limited(self):
         self.fund(A, 1000)
         ids = [self.store.transfer(A, B, 10 + i, f"k{i}").journal_id for i in range(5)]

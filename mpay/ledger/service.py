@@ -203,6 +203,10 @@ class LedgerService(Service):
         """Fires with the newest *limit* JournalEntry rows of *number*, newest first."""
         return self._read("statement", number, limit)
 
+    def journal_page(self, after_id: int = 0, limit: int = STATEMENT_ROWS) -> defer.Deferred:
+        """Fires with up to *limit* JournalEntry rows after *after_id*, in id order."""
+        return self._read("journal_page", after_id, limit)
+
     def open_holds(self) -> defer.Deferred:
         return self._read("open_holds")
 

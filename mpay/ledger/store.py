@@ -371,6 +371,17 @@ class SQLStore(TransferRuns, HoldOperations, SessionOperations, NoticeOperations
         return [JournalEntry(*row[:7], None if row[7] is None else bytes(row[7]), *row[8:])
                 for row in rows]
 
+    def journal_page(self, after_id: int = 0, limit: int = STATEMENT_ROWS) -> list[JournalEntry]:
+        """The journal in id order, *limit* rows after *after_id*: the whole journal, page by
+        page (an export, a check after a load run), without one huge read."""
+        if type(after_id) is not int or isinstance(limit, bool) or not isinstance(limit, int) \
+                or not 0 < limit <= MAX_STATEMENT_ROWS:
+            raise ValueError(f"after_id must be an int and limit 1..{MAX_STATEMENT_ROWS}")
+        rows = self._x(f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE id > ? ORDER BY id LIMIT ?",
+                       (after_id, limit)).fetchall()
+        return [JournalEntry(*row[:7], None if row[7] is None else bytes(row[7]), *row[8:])
+                for row in rows]
+
     def device_key(self, number: str) -> DeviceKey | None:
         row = self._x("SELECT number, encrypted_k, ed25519_pub, created FROM device_keys"
                       " WHERE number = ?", (number,)).fetchone()
