@@ -22,6 +22,7 @@ from mpay.auth.crypto import CryptoError
 from mpay.auth.service import build_as
 from mpay.e164 import InvalidNumber
 from mpay.ledger import LedgerError, LedgerService, store_opener
+from mpay.ops import collector
 from mpay.ops.manhole import ManholeConfigError, manhole_service
 from mpay.ops.metrics import metrics_service
 from mpay.payment.service import build_ps
@@ -94,6 +95,7 @@ class MpayService(service.MultiService):
 def makeService(options: Options, reactor=None) -> MpayService:
     cfg = options.config
     assert cfg is not None, "postOptions was not run"
+    collector.tune(cfg["server"]["gc_threshold"])
     wheel = TimeWheel(tick_s=cfg["timewheel"]["tick_ms"] / 1000.0)
     top = MpayService(cfg, wheel)
     # Servers start timers through the driver: it counts from reactor time, so none fires early.

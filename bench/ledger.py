@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet import defer, task  # noqa: E402
 
 from mpay.ledger.postgres import PostgresStore  # noqa: E402
+from mpay.ops import collector  # noqa: E402
 from mpay.ledger.service import LedgerService  # noqa: E402
 from mpay.ledger.sqlite import SQLiteStore  # noqa: E402
 
@@ -126,6 +127,7 @@ def store_run(open_store, grouped: bool, transfers: int, rng: random.Random) -> 
 
 @defer.inlineCallbacks
 def main(reactor, argv=None):
+    collector.tune()   # the collector as the server sets it (mpay/ops/collector.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--postgres-dsn", default=DEFAULT_DSN)
     parser.add_argument("--quick", action="store_true", help="one run of a tenth the size")
