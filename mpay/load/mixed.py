@@ -1,9 +1,11 @@
 """Mixed traffic for fault runs: transfers, OTCN charges and timed sessions, with the books checked.
 
-Every operation is what a careful device does: a transfer that times out is
-re-sent as the same request (Call-ID, CSeq) in a new transaction, so the PS
-answers it with its first result; an OTCN is asked for, then charged by the
-merchant; a timed session is opened, runs a moment and is hung up.  Each
+Every operation is what a careful device does: a transfer that times out,
+or is refused 503 (overload: after its Retry-After), is re-sent as the same
+request (Call-ID, CSeq) in a new transaction, so the PS answers it with its
+first result; an OTCN request or a charge refused 503 is made again later.
+An OTCN is asked for, then charged by the merchant; a timed session is
+opened, runs a moment and is hung up.  Each
 operation ends *succeeded*, *refused* (a final non-2xx) or *timed out* (no
 final answer even after re-sending).  :func:`check_books` then proves from
 the ledger that nothing was applied twice and that everything a device saw
@@ -33,6 +35,12 @@ SESSION_RUN_S = (0.05, 0.3)
 
 JOURNAL_PAGE_ROWS = 10_000
 """Journal rows read at a time by :func:`check_books`."""
+
+RETRIES_ON_503 = 4
+"""Times an OTCN request or a charge refused with 503 (overload) is tried again."""
+
+RETRY_AFTER_MAX_S = 5.0
+"""Longest wait a 503's Retry-After is granted."""
 
 TRANSFER_AMOUNT_MINOR = 1
 CHARGE_AMOUNT_MINOR = 2
@@ -117,6 +125,10 @@ class MixedTraffic:
             except SIPTimeout:
                 request = payer.resend(request)
                 continue
+            if response.status == 503 and attempt < TRANSFER_RESENDS:   # overloaded: later
+                yield self._retry_after(response)
+                request = payer.resend(request)
+                continue
             if response.status in (200, 202):
                 receipt = payer.verified_receipt(response, payee.state.number,
                                                  TRANSFER_AMOUNT_MINOR)
@@ -126,6 +138,29 @@ class MixedTraffic:
                 self.outcomes.note("transfer", "refused", f"{response.status} {response.reason}")
             return
         self.outcomes.note("transfer", "timed out")
+
+    def _retry_after(self, response: Any) -> defer.Deferred:
+        """Wait as a 503's Retry-After asks (within RETRY_AFTER_MAX_S), jittered."""
+        try:
+            wait = min(float(response.headers.get("Retry-After") or 1), RETRY_AFTER_MAX_S)
+        except ValueError:
+            wait = 1.0
+        return task.deferLater(self.reactor, wait * self.rng.uniform(0.5, 1.0), lambda: None)
+
+    @defer.inlineCallbacks
+    def _overloaded(self, call, *args, **kwargs):
+        """*call* (a new request each time), again after each 503, RETRIES_ON_503 times."""
+        for attempt in range(RETRIES_ON_503 + 1):
+            try:
+                response = yield call(*args, **kwargs)
+            except DeviceError as exc:
+                if " 503 " not in f" {exc} " or attempt == RETRIES_ON_503:
+                    raise
+                yield task.deferLater(self.reactor, self.rng.uniform(0.5, 1.0), lambda: None)
+                continue
+            if getattr(response, "status", None) != 503 or attempt == RETRIES_ON_503:
+                return response
+            yield self._retry_after(response)
 
     def _consumer(self, index: int, sessions: bool) -> Device:
         """Consumers with timed sessions have all their money held by them (by design), so
@@ -138,8 +173,8 @@ class MixedTraffic:
         consumer = self._consumer(index, sessions=False)
         merchant = self.merchants[self.rng.randrange(len(self.merchants))]
         try:
-            grant = yield consumer.request_otcn()
-            response = yield merchant.charge(grant["otcn"], CHARGE_AMOUNT_MINOR)
+            grant = yield self._overloaded(consumer.request_otcn)
+            response = yield self._overloaded(merchant.charge, grant["otcn"], CHARGE_AMOUNT_MINOR)
         except SIPTimeout:
             self.outcomes.note("otcn_charge", "timed out")
             return
@@ -156,7 +191,8 @@ class MixedTraffic:
         consumer = self._consumer(index, sessions=True)
         merchant = self.merchants[self.rng.randrange(len(self.merchants))]
         try:
-            response = yield merchant.charge(consumer.state.number, rate=SESSION_RATE_MINOR_PER_S)
+            response = yield self._overloaded(merchant.charge, consumer.state.number,
+                                              rate=SESSION_RATE_MINOR_PER_S)
         except SIPTimeout:
             self.outcomes.note("session", "timed out")
             return
