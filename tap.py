@@ -6,7 +6,7 @@
     |-- as                caller-ID receivers + UDP listener -> AuthenticationServer
     |                     (mpay/auth/service.py)
     |-- ps                [redis pool] + UDP listener -> PaymentServer (mpay/payment/service.py)
-    |-- overload          the reactor's lag: past sip.shed_lag_ms new work gets 503
+    |-- overload          reactor lag, UDP receive queue: past them new work gets 503
     |-- metrics           Prometheus page (loopback)
     `-- manhole           SSH (loopback, only when configured)
 """
@@ -133,7 +133,10 @@ def makeService(options: Options, reactor=None) -> MpayService:
     if shed_lag_s and top.endpoints:
         # One reactor, one lag: the AS and PS of this process share the guard.
         guard = OverloadGuard(shed_lag_s, min(RESUME_BELOW_LAG_S, shed_lag_s / 2))
-        monitor = LagMonitorService(guard, reactor)
+        listeners = list(top.listeners.values())
+        monitor = LagMonitorService(guard, reactor, sockets=lambda: [
+            listener.listening.socket for listener in listeners
+            if listener.listening is not None and hasattr(listener.listening, "socket")])
         monitor.setName("overload")
         monitor.setServiceParent(top)
         for endpoint in top.endpoints.values():

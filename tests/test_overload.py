@@ -3,11 +3,15 @@ is refused with 503 and Retry-After, what finishes work never is."""
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import task
 from twisted.trial import unittest
 
 from mpay.sip.message import parse
-from mpay.sip.overload import LagMonitorService, OverloadGuard
+from mpay.sip.overload import (
+    RESUME_QUEUE_BYTES, SHED_QUEUE_BYTES, LagMonitorService, OverloadGuard, receive_queue_bytes,
+)
 from mpay.sip.transaction import TransactionLayer
 from mpay.timewheel import TimeWheel
 
@@ -40,6 +44,33 @@ class OverloadGuardTests(unittest.TestCase):
         for _ in range(5):
             guard.sample(0.5)
         self.assertTrue(guard.shedding)
+
+    def test_a_receive_queue_backlog_sheds_until_it_drains(self):
+        guard = OverloadGuard(0.25, 0.1, smoothing=1.0)
+        guard.sample_queue(SHED_QUEUE_BYTES + 1)
+        self.assertTrue(guard.refuses("MESSAGE"))
+        guard.sample(0.0)                          # the reactor is punctual: still the queue
+        self.assertTrue(guard.shedding)
+        guard.sample_queue(RESUME_QUEUE_BYTES + 1)
+        self.assertTrue(guard.shedding)
+        guard.sample_queue(RESUME_QUEUE_BYTES - 1)
+        self.assertFalse(guard.shedding)
+        self.assertEqual(guard.episodes, 1)
+
+    def test_the_receive_queue_is_read_from_the_socket(self):
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sink.close)
+        self.addCleanup(sender.close)
+        sink.bind(("127.0.0.1", 0))
+        self.assertEqual(receive_queue_bytes(sink), 0)
+        for _ in range(20):
+            sender.sendto(b"x" * 500, sink.getsockname())
+        queued = receive_queue_bytes(sink)
+        self.assertGreaterEqual(queued, 20 * 500)     # each datagram's kernel size, at least
+        for _ in range(20):   # Linux releases UDP receive memory in batches: read them all
+            sink.recv(1000)
+        self.assertLess(receive_queue_bytes(sink), queued)
 
     def test_marks_must_be_ordered(self):
         with self.assertRaises(ValueError):
