@@ -32,8 +32,9 @@ from typing import Any, Callable
 
 from twisted.application import service
 
-SHEDDABLE_METHODS = frozenset({"MESSAGE", "RECEIVE", "REGISTER", "NOTIFY", "SUBSCRIBE"})
-"""Requests that start work; everything else is always let through."""
+SHEDDABLE_METHODS = frozenset({"MESSAGE", "RECEIVE", "REGISTER", "SUBSCRIBE"})
+"""Requests that start work; everything else is always let through (NOTIFY too: it
+finishes an enrolment the AS already holds, as BYE finishes a session)."""
 
 SHED_ABOVE_LAG_S = 0.25
 """Smoothed reactor lag above which new work is refused (half of T1)."""
