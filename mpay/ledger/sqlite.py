@@ -23,6 +23,9 @@ from mpay.ledger.store import _INSERT_JOURNAL, SQLStore
 BUSY_TIMEOUT_S = 5.0
 """How long a writer waits for another process's write lock before a retry."""
 
+WAL_RETRY_S = 0.02
+"""Pause between two tries to switch a ledger that another process holds to WAL."""
+
 MIN_SQLITE_VERSION = (3, 37, 0)
 """STRICT tables (3.37) and RETURNING (3.35) are used."""
 
@@ -39,6 +42,24 @@ _RUN_INSERT = ("INSERT INTO journal (id, debit, credit, amount, kind, reference,
                " idempotency_key, payer_signature, debit_balance_after, credit_balance_after,"
                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _RUN_BALANCE = "UPDATE accounts SET balance = ? WHERE number = ? AND balance = ?"
+
+
+def _wal_mode(connection: sqlite3.Connection) -> str:
+    """Switch to WAL, waiting up to BUSY_TIMEOUT_S for another process that holds the file.
+
+    Two processes opening a fresh ledger at once race for it: the switch to WAL
+    needs the file to itself and SQLite's busy handler does not always wait for
+    it ("database is locked" at once), so it is tried again here.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code not in (_SQLITE_BUSY, _SQLITE_LOCKED) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
 
 
 class SQLiteStore(SQLStore):
@@ -71,7 +92,7 @@ class SQLiteStore(SQLStore):
         try:
             if fresh:
                 os.chmod(path, 0o600)  # it holds the devices' (encrypted) enrolment keys
-            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _wal_mode(connection)
             if mode.lower() != "wal":
                 raise LedgerError(f"{path}: SQLite refused WAL mode (got {mode})")
             connection.execute("PRAGMA synchronous=FULL")
