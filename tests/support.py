@@ -1,8 +1,8 @@
-"""Shared test doubles: the real time wheel on a task.Clock, a recording wire."""
+"""Shared test doubles: the real time wheel on a task.Clock, a recording wire, a child's output."""
 
 from __future__ import annotations
 
-from twisted.internet import task
+from twisted.internet import defer, protocol, task
 
 from mpay.sip.message import Request, Response, parse
 from mpay.timewheel import TimeWheel, TimeWheelService
@@ -68,3 +68,19 @@ def make_request(method: str = "OPTIONS", **kwargs) -> Request:
     message = parse(request_bytes(method, **kwargs))
     assert isinstance(message, Request)
     return message
+
+
+class ProcessOutput(protocol.ProcessProtocol):
+    """A child process's stdout and stderr, together; ``ended`` fires with its exit code."""
+
+    def __init__(self):
+        self.output = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)

@@ -12,31 +12,18 @@ import os
 import re
 import sys
 
-from twisted.internet import defer, protocol, reactor, utils
+from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 
 from mpay.sip import tls
 from tests.flow import MpayFixture
+from tests.support import ProcessOutput
 
 CONSUMER = "+886912345678"
 MERCHANT = "+886223334444"
 TOP_UP_MINOR = 5_000
 LISTEN_S = 30.0
 READY_TRIES = 200
-
-
-class _Collect(protocol.ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(reason.value.exitCode)
 
 
 class DmdCommandLineTests(unittest.TestCase):
@@ -79,7 +66,7 @@ sim_control = {self.mpay.dir}/modem.sock
     @defer.inlineCallbacks
     def listen(self, *options, **spawn):
         """The consumer's ``mpay-dmd listen`` as a child process, once it is listening."""
-        listener = _Collect()
+        listener = ProcessOutput()
         reactor.spawnProcess(listener, sys.executable,
                              [sys.executable, *self.argv(CONSUMER, "listen", CONSUMER, *options,
                                                          "--seconds", str(LISTEN_S))],

@@ -15,11 +15,12 @@ import os
 import shutil
 import socket
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mpay.sim.device import DeviceError
 from tests.flow import MpayFixture
+from tests.support import ProcessOutput
 
 PAYER, PAYEE = "+886912345678", "+886987654321"
 REDIS = shutil.which("redis-server")
@@ -31,23 +32,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class _Redis(protocol.ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-
-
 class RedisFaultTests(unittest.TestCase):
     @defer.inlineCallbacks
     def start_redis(self):
         self.assertIsNotNone(REDIS, "redis-server is not installed (Debian package redis-server)")
-        redis = _Redis()
+        redis = ProcessOutput()
         reactor.spawnProcess(redis, REDIS, [REDIS, "--port", str(self.port), "--bind", "127.0.0.1",
                                             "--save", "", "--appendonly", "no"], env=os.environ)
         self.redis = redis

@@ -83,10 +83,9 @@ class CachedDeviceKeys:
         self.hits = self.misses = 0
 
     def load(self, number: str) -> defer.Deferred:
-        entry = self._cache.get(number)
-        if entry is not None and entry[0] > self.clock():
+        if self.cached(number):
             self.hits += 1
-            return defer.succeed(entry[1])
+            return defer.succeed(self._cache[number][1])
         return self.reload(number)
 
     def reload(self, number: str) -> defer.Deferred:

@@ -44,6 +44,13 @@ _RUN_INSERT = ("INSERT INTO journal (id, debit, credit, amount, kind, reference,
 _RUN_BALANCE = "UPDATE accounts SET balance = ? WHERE number = ? AND balance = ?"
 
 
+def _locked(exc: BaseException) -> bool:
+    """SQLite's "busy" or "locked": another connection holds what we need, try again."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and code is not None \
+        and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
 def _wal_mode(connection: sqlite3.Connection) -> str:
     """Switch to WAL, waiting up to BUSY_TIMEOUT_S for another process that holds the file.
 
@@ -56,8 +63,7 @@ def _wal_mode(connection: sqlite3.Connection) -> str:
         try:
             return connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         except sqlite3.OperationalError as exc:
-            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-            if code not in (_SQLITE_BUSY, _SQLITE_LOCKED) or time.monotonic() > deadline:
+            if not _locked(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(WAL_RETRY_S)
 
@@ -132,9 +138,7 @@ class SQLiteStore(SQLStore):
             raise LedgerError(f"incomplete SQL statement at the end of a migration: {pending!r}")
 
     def _is_retryable(self, exc: BaseException) -> bool:
-        code = getattr(exc, "sqlite_errorcode", None)
-        return isinstance(exc, sqlite3.OperationalError) and code is not None \
-            and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+        return _locked(exc)
 
     def _update_account(self, sql: str, params: Sequence, number: str) -> tuple[int, int] | None:
         # Bare UPDATE + read back: cheaper than SQLite's RETURNING on the hot path.

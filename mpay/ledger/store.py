@@ -32,7 +32,7 @@ from mpay.ledger.api import (
 )
 from mpay.ledger.holds import HoldOperations
 from mpay.ledger.notices import NoticeOperations
-from mpay.ledger.runs import RunConflict, TransferRuns, refusal
+from mpay.ledger.runs import TransferRuns, refusal
 from mpay.ledger.sessions import SessionOperations
 
 MAX_BATCH_ATTEMPTS = 8
@@ -64,6 +64,12 @@ _INSERT_JOURNAL = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING")
 _REPLAY = ("SELECT id, debit, credit, amount, debit_balance_after, created FROM journal"
            " WHERE idempotency_key = ?")
+
+
+def _entries(cursor: Any) -> list[JournalEntry]:
+    """Journal rows as read with _JOURNAL_COLUMNS (the signature as bytes, whatever the driver)."""
+    return [JournalEntry(*row[:7], None if row[7] is None else bytes(row[7]), *row[8:])
+            for row in cursor.fetchall()]
 
 
 class _Refused(Exception):
@@ -366,10 +372,8 @@ class SQLStore(TransferRuns, HoldOperations, SessionOperations, NoticeOperations
                 or not 0 < limit <= MAX_STATEMENT_ROWS:
             raise ValueError(f"limit must be 1..{MAX_STATEMENT_ROWS}")
         self.balance(number)  # raises UnknownAccount
-        rows = self._x(f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE debit = ? OR credit = ?"
-                       " ORDER BY id DESC LIMIT ?", (number, number, limit)).fetchall()
-        return [JournalEntry(*row[:7], None if row[7] is None else bytes(row[7]), *row[8:])
-                for row in rows]
+        return _entries(self._x(f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE debit = ? OR"
+                                " credit = ? ORDER BY id DESC LIMIT ?", (number, number, limit)))
 
     def journal_page(self, after_id: int = 0, limit: int = STATEMENT_ROWS) -> list[JournalEntry]:
         """The journal in id order, *limit* rows after *after_id*: the whole journal, page by
@@ -377,10 +381,8 @@ class SQLStore(TransferRuns, HoldOperations, SessionOperations, NoticeOperations
         if type(after_id) is not int or isinstance(limit, bool) or not isinstance(limit, int) \
                 or not 0 < limit <= MAX_STATEMENT_ROWS:
             raise ValueError(f"after_id must be an int and limit 1..{MAX_STATEMENT_ROWS}")
-        rows = self._x(f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE id > ? ORDER BY id LIMIT ?",
-                       (after_id, limit)).fetchall()
-        return [JournalEntry(*row[:7], None if row[7] is None else bytes(row[7]), *row[8:])
-                for row in rows]
+        return _entries(self._x(f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE id > ?"
+                                " ORDER BY id LIMIT ?", (after_id, limit)))
 
     def device_key(self, number: str) -> DeviceKey | None:
         row = self._x("SELECT number, encrypted_k, ed25519_pub, created FROM device_keys"

@@ -30,9 +30,9 @@ from mpay.payment.sessions import (
     REASON_EXHAUSTED, REASON_NO_ACK, REASON_REFUSED, SessionKeeper,
 )
 from mpay.payment.transfer import ANONYMOUS, ANONYMOUS_URI, REFUSALS
-from mpay.sip.stream import address_of
 from mpay.sip.dialog import Dialog
 from mpay.sip.endpoint import SIPTimeout
+from mpay.sip.stream import address_of
 from mpay.sip.uri import parse_uri
 from mpay.sip.message import Request
 from mpay.sip.transaction import ServerTransaction

@@ -123,6 +123,17 @@ def read_transfer(request: Request, currency: str, default_region: str) -> Trans
     return TransferRequest(payee, amount, conceal)
 
 
+def _signature_refusal(record: Any, digest: bytes, signature: bytes) -> str | None:
+    """Why *record*'s key did not sign *digest* (403's reason), or None if it did."""
+    try:
+        if record is None:
+            raise receipts.ReceiptError("Payer Not Enrolled")
+        receipts.verify_request(record.device_key, digest, signature)
+    except receipts.ReceiptError as exc:
+        return str(exc)
+    return None
+
+
 class CreditTransfer:
     """The MESSAGE handler of the PS; one call per new transfer transaction."""
 
@@ -212,20 +223,11 @@ class CreditTransfer:
         A cached key that fails is read again once: the device may have enrolled anew.
         """
         keys = self.device_keys
-        fresh = not getattr(keys, "cached", lambda number: False)(payer)
-        record = yield keys.load(payer)
-        for attempt in range(2):
-            try:
-                if record is None:
-                    raise receipts.ReceiptError("Payer Not Enrolled")
-                receipts.verify_request(record.device_key, digest, signature)
-                return None
-            except receipts.ReceiptError as exc:
-                if fresh or attempt:
-                    return str(exc)
-                record = yield keys.reload(payer)
-                fresh = True
-        raise AssertionError("unreachable")
+        was_cached = keys.cached(payer)
+        refusal = _signature_refusal((yield keys.load(payer)), digest, signature)
+        if refusal and was_cached:
+            refusal = _signature_refusal((yield keys.reload(payer)), digest, signature)
+        return refusal
 
     def _answer(self, txn: ServerTransaction, status: int, reason: str, signed_receipt: str,
                 result: TransferResult) -> None:

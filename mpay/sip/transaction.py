@@ -237,14 +237,12 @@ class TransactionLayer:
                 accepted._ack_2xx()
             self.tu.ack_received(request, addr)
             return
-        guard = self.guard
-        if len(self.server) >= self.max_transactions or (
-                guard is not None and guard.refuses(method)):
+        full = len(self.server) >= self.max_transactions
+        if full or (self.guard is not None and self.guard.refuses(method)):
             # Stateless: no transaction is made for what is refused (RFC 3261 21.5.4).
             self.stats["overload_refusals"] += 1
-            response = make_response(request, 503, headers=[("Retry-After", str(
-                OVERLOAD_RETRY_AFTER_S if len(self.server) >= self.max_transactions
-                else SHED_RETRY_AFTER_S))])
+            retry_after_s = OVERLOAD_RETRY_AFTER_S if full else SHED_RETRY_AFTER_S
+            response = make_response(request, 503, headers=[("Retry-After", str(retry_after_s))])
             self.send(response.to_bytes(), addr)
             self.count_response(method, 503)
             return
