@@ -8,7 +8,8 @@
     |-- ps                [redis pool] + UDP listener -> PaymentServer (mpay/payment/service.py)
     |-- overload          reactor lag, UDP receive queue: past them new work gets 503
     |-- metrics           Prometheus page (loopback)
-    `-- manhole           SSH (loopback, only when configured)
+    |-- manhole           SSH (loopback, only when configured)
+    `-- workers           --workers N: PS workers 2..N, restarted if they die (mpay/ops/workers.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mpay.ledger import LedgerError, LedgerService, store_opener
 from mpay.ops import collector
 from mpay.ops.manhole import ManholeConfigError, manhole_service
 from mpay.ops.metrics import metrics_service
+from mpay.ops.workers import worker_settings, workers_service
 from mpay.payment.service import build_ps
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.overload import RESUME_BELOW_LAG_S, LagMonitorService, OverloadGuard
@@ -55,12 +57,15 @@ class Options(usage.Options):
         ["ps-listen", None, None, "PS listener, e.g. udp:5060:interface=127.0.0.1 (port 0: any)."],
         ["metrics-listen", None, None, "Metrics page listener, e.g. tcp:9460:interface=127.0.0.1; '' disables."],
         ["manhole-listen", None, None, "SSH manhole listener, e.g. tcp:2222:interface=127.0.0.1."],
+        ["workers", None, 1, "PS processes sharing the PS port (SO_REUSEPORT); needs Redis.", int],
     ]
 
     def __init__(self):
         super().__init__()
         self["set"] = {}
         self.config: mpay_config.Config | None = None
+        self.overrides: dict[str, str] = {}
+        self.children: list[dict[str, str]] = []   # --workers: the other workers' settings
 
     def opt_set(self, assignment: str) -> None:
         """section.key=value: override any configuration key (repeatable)."""
@@ -74,8 +79,12 @@ class Options(usage.Options):
         for option, key in _OPTION_KEYS.items():
             if self[option] is not None:
                 overrides[key] = self[option]
+        self.overrides = overrides
         try:
             self.config = mpay_config.load(self["config"], overrides)
+            if self["workers"] > 1:
+                first, *self.children = worker_settings(self.config, self["workers"])
+                self.config = mpay_config.load(self["config"], {**overrides, **first})
         except mpay_config.ConfigError as exc:
             raise usage.UsageError(str(exc)) from exc
 
@@ -159,5 +168,8 @@ def makeService(options: Options, reactor=None) -> MpayService:
                             manhole["passwords"], namespace, reactor).setServiceParent(top)
         except ManholeConfigError as exc:
             raise usage.UsageError(str(exc)) from exc
+    if options.children:
+        workers_service(options["config"], options.overrides, options.children,
+                        reactor).setServiceParent(top)
     log.info("mpay: roles {roles}, domain {domain}", roles=sorted(top.endpoints), domain=cfg["server"]["domain"])
     return top

@@ -106,6 +106,26 @@ def _text(value: str) -> str:
     return value
 
 
+def _instance(value: str) -> str:
+    from mpay.sip.peers import INSTANCE_RE
+
+    if not INSTANCE_RE.match(value):
+        raise ValueError("must be 1 to 16 letters or digits (it rides in SIP branches and tags)")
+    return value
+
+
+def _relay_listen(value: str) -> str:
+    if value and not value.startswith("udp:"):
+        raise ValueError("must look like udp:PORT[:interface=ADDR], or be empty")
+    return _listen(value)
+
+
+def _peers(value: str) -> dict[str, tuple[str, int]]:
+    from mpay.sip.peers import parse_peers
+
+    return parse_peers(value)
+
+
 def _bool(value: str) -> bool:
     lowered = value.lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -178,7 +198,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "transfer_timer_a_s": Key("8", _positive_float),
         "charge_timer_a_s": Key("60", _positive_float),
         "checkpoint_s": Key("5", _positive_float),
-        "instance_id": Key("ps", _text),
+        "instance_id": Key("ps", _instance),
+        "reuse_port": Key("false", _bool),
+        "relay_listen": Key("", _relay_listen),
+        "peers": Key("", _peers),
     },
     "ledger": {
         "backend": Key("sqlite", _backend("sqlite", "postgres")),
@@ -290,4 +313,7 @@ def load(path: str | None = None, overrides: dict[str, str] | None = None) -> Co
                 values[section][name] = key.convert(raw[section][name])
             except ValueError as exc:
                 raise ConfigError(f"[{section}] {name} = {raw[section][name]!r}: {exc}") from exc
+    ps = values["ps"]
+    if ps["peers"] and not ps["relay_listen"]:
+        raise ConfigError("[ps] peers needs [ps] relay_listen: the peers relay to it")
     return Config(values)

@@ -64,13 +64,14 @@ class MpayFixture:
     three.
     """
 
-    def __init__(self, testcase, *settings: str, transport: str = "UDP"):
+    def __init__(self, testcase, *settings: str, transport: str = "UDP",
+                 ps_listen: str = "udp:0:interface=127.0.0.1"):
         self.testcase = testcase
         self.transport = transport
         # Short and private: a UNIX socket path must stay under 108 bytes.
         self.dir = tempfile.mkdtemp(prefix="mpay-")
         testcase.addCleanup(shutil.rmtree, self.dir, True)
-        args = ["--as-listen", "udp:0:interface=127.0.0.1", "--ps-listen", "udp:0:interface=127.0.0.1",
+        args = ["--as-listen", "udp:0:interface=127.0.0.1", "--ps-listen", ps_listen,
                 "--metrics-listen", ""]
         streams = [f"{role}.listen_{kind}={kind}:0:interface=127.0.0.1"
                    for role in ("as", "ps") for kind in ("tcp", "tls")]

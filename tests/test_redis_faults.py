@@ -67,9 +67,10 @@ class RedisFaultTests(unittest.TestCase):
         self.assertEqual(response.status, 200)
 
         yield self.stop_redis()                                   # Redis goes away
-        with self.assertRaisesRegex(DeviceError, "503 Location Store Unavailable"):
+        # Fail closed: freshness cannot be proved without the shared replay cache.
+        with self.assertRaisesRegex(DeviceError, "503 Replay Cache Unavailable"):
             yield payee.register()
-        with self.assertRaisesRegex(DeviceError, "503 OTCN Store Unavailable"):
+        with self.assertRaisesRegex(DeviceError, "503 Replay Cache Unavailable"):
             yield payer.request_otcn()
         response, receipt = yield payer.transfer(PAYEE, 50)     # the ledger needs no Redis
         self.assertEqual((response.status, response.reason),

@@ -43,9 +43,9 @@ class OTCNIssuer:
         self.lifetime_s = lifetime_s
 
     def __call__(self, txn: ServerTransaction, request: Request) -> None:
-        verified = self.authenticate(txn, request)
-        if verified is None:
-            return
+        self.authenticate(txn, request, lambda verified: self._authenticated(txn, request, verified))
+
+    def _authenticated(self, txn: ServerTransaction, request: Request, verified: Any) -> None:
         try:
             cap = read_cap(request)
         except ValueError as exc:

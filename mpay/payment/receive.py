@@ -36,7 +36,7 @@ from mpay.sip.stream import address_of
 from mpay.sip.uri import parse_uri
 from mpay.sip.message import Request
 from mpay.sip.transaction import ServerTransaction
-from mpay.sip.useragent import build_request, new_branch, new_call_id
+from mpay.sip.useragent import build_request, new_call_id
 
 CHARGE_CONTENT_TYPE = "application/vnd.mpay.charge+json"
 MAX_CHARGE_BODY_BYTES = 1024
@@ -106,10 +106,9 @@ class ChargeService:
         self._endpoint = self.sessions.endpoint = endpoint
 
     def __call__(self, txn: ServerTransaction, request: Request) -> None:
-        verified = self.authenticate(txn, request)
-        if verified is None:
-            return
+        self.authenticate(txn, request, lambda verified: self._authenticated(txn, request, verified))
 
+    def _authenticated(self, txn: ServerTransaction, request: Request, verified: Any) -> None:
         def failed(failure):
             self.log.failure("ps: charge failed", failure)
             if not txn.final:
@@ -181,7 +180,8 @@ class ChargeService:
                                 sent_by=(host, port), from_uri=e164.sip_uri(charge.merchant, self.domain),
                                 to_uri=e164.sip_uri(charge.consumer, self.domain),
                                 call_id=new_call_id(host), cseq=1, contact=f"sip:ps@{host}:{port}",
-                                body=body, content_type=CHARGE_CONTENT_TYPE)
+                                body=body, content_type=CHARGE_CONTENT_TYPE,
+                                branch=self.endpoint.new_branch(), from_tag=self.endpoint.new_tag())
         live.forwarded = request
 
         def provisional(response):
@@ -241,7 +241,7 @@ class ChargeService:
                 self._done(live, effect.outcome)
 
     def _ack_consumer(self, live: _Live) -> None:
-        ack = self._in_dialog(live, "ACK", branch=new_branch())
+        ack = self._in_dialog(live, "ACK", branch=self.endpoint.new_branch())
         self.endpoint.send(ack.to_bytes(), live.consumer_addr)
 
     def _to_merchant(self, live: _Live, effect: fsm.ToMerchant) -> None:
@@ -333,9 +333,9 @@ class ChargeService:
 
     def bye(self, txn: ServerTransaction, request: Request) -> None:
         """BYE from the merchant or the consumer of a timed session."""
-        verified = self.authenticate(txn, request)
-        if verified is None:
-            return
+        self.authenticate(txn, request, lambda verified: self._bye(txn, request, verified))
+
+    def _bye(self, txn: ServerTransaction, request: Request, verified: Any) -> None:
         live = self.live.get(request.call_id)
         side = "merchant"
         if live is None:

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from mpay import e164
 from mpay.auth.wire import digest_of
 from mpay.auth.tickets import AUTHENTICATOR_HEADER, TICKET_HEADER
-from mpay.auth.verifier import TicketRefused, TicketVerifier
+from mpay.auth.verifier import REFUSALS, TicketRefused, TicketVerifier, Verified
+from mpay.sip.peers import Relayed
 from mpay.sip.stream import transport_of
 from mpay.sip.headers import parse_name_addr
 from mpay.sip.message import ParseError, Request
@@ -53,22 +54,64 @@ class Registrar:
         self.clock = clock
         # Called with (number, binding) after each successful binding: queued notices wait on it.
         self.on_registered: list[Callable[[str, Binding], None]] = []
+        self.endpoint: Any = None
+        self.shared_replay: Any = None   # with several PS processes: stores/replay.py
 
-    def authenticate(self, txn: ServerTransaction, request: Request) -> Any:
-        """Verified identity of a PS request, or None after answering 401/403."""
+    def flow_holder(self, addr: Any) -> tuple[str, str]:
+        """(instance, server side) of the flow a REGISTER came on; ("", "") for one PS alone."""
+        endpoint = self.endpoint
+        if endpoint is None or endpoint.relay is None:
+            return "", ""
+        if isinstance(addr, Relayed):
+            return addr.via, addr.local
+        return endpoint.instance, endpoint.local_address(transport_of(addr))
+
+    def authenticate(self, txn: ServerTransaction, request: Request,
+                     then: Callable[[Verified], Any], idempotent: bool = False) -> None:
+        """Call ``then(verified)`` once a PS request passed every check; else answer it.
+
+        The checks are the verifier's, then (several PS processes) the claim of
+        the authenticator in the shared replay cache: a request re-sent to
+        another process is refused there as it is here.  An *idempotent*
+        request (a transfer: its ledger key gives a copy the first answer)
+        skips the claim, so it needs no Redis round trip and works while Redis
+        is away.
+        """
         headers = request.headers
         try:
-            return self.verifier.verify(headers.get(TICKET_HEADER), headers.get(AUTHENTICATOR_HEADER),
-                                        txn.addr[0], digest_of(request), self.clock())
+            verified = self.verifier.verify(headers.get(TICKET_HEADER), headers.get(AUTHENTICATOR_HEADER),
+                                            txn.addr[0], digest_of(request), self.clock())
         except TicketRefused as refusal:
             extra = [("Retry-After", str(int(refusal.retry_after_s)))] if refusal.retry_after_s else []
             txn.respond_with(refusal.status, refusal.reason, headers=extra)
-            return None
+            return
+        if self.shared_replay is None or idempotent:
+            then(verified)
+            return
+
+        def claimed(fresh: bool) -> None:
+            if not fresh:
+                status, reason = REFUSALS["replayed"]
+                txn.respond_with(status, reason)
+                return
+            try:
+                then(verified)
+            except Exception:
+                self.log.failure("ps: {method} handler failed", method=request.method)
+                if not txn.final:
+                    txn.respond_with(500, "Server Internal Error")
+
+        def unavailable(failure) -> None:
+            self.log.warn("ps: replay cache unavailable: {why}", why=failure.getErrorMessage())
+            if not txn.final:
+                txn.respond_with(503, "Replay Cache Unavailable", headers=[("Retry-After", "1")])
+
+        self.shared_replay.claim(verified.number, verified.nonce).addCallbacks(claimed, unavailable)
 
     def register(self, txn: ServerTransaction, request: Request) -> None:
-        verified = self.authenticate(txn, request)
-        if verified is None:
-            return
+        self.authenticate(txn, request, lambda verified: self._register(txn, request, verified))
+
+    def _register(self, txn: ServerTransaction, request: Request, verified: Verified) -> None:
         try:
             number = e164.number_from_uri(request.to_addr.uri)
         except e164.InvalidNumber as exc:
@@ -101,8 +144,9 @@ class Registrar:
             txn.respond_with(400, "Bad Contact")
             return
         host, port = txn.addr
+        via, local = self.flow_holder(txn.addr)
         binding = Binding(number, contact_uri, host, port, transport_of(txn.addr),
-                          self.clock() + expires)
+                          self.clock() + expires, via, local)
         done = defer.maybeDeferred(self.locations.bind, binding, expires)
 
         def bound(_):

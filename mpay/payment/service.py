@@ -1,8 +1,10 @@
 """Assembling the payment server from the configuration.
 
     ps (MultiService)
-    |-- redis              only with [location] backend = redis: the pool (locations, OTCNs)
+    |-- redis              only with [location] backend = redis: the pool (locations, OTCNs,
+    |                      guess blocking, the shared replay cache)
     |-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer (registrar, transfer, charges)
+    |-- ps-relay           only with [ps] relay_listen: frames to and from the other PS instances
     `-- ps-sessions        timed sessions: checkpoints; at start, settles what a crash left open
 
 The ledger service is the tree's, shared with the AS (device keys).
@@ -29,11 +31,13 @@ from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
 from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.peers import PeerRelay, RelayListenerService
 from mpay.sip.transport import sip_listener, stream_listeners
 from mpay.stores.location import (
     BoundedRedis, MemoryLocationStore, RedisLocationStore, connect_redis,
 )
 from mpay.stores.otcn import MemoryOTCNStore, RedisOTCNStore
+from mpay.stores.replay import RedisReplayCache
 
 
 class RedisService(service.Service):
@@ -100,6 +104,9 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         otcns = MemoryOTCNStore(timers, reactor.seconds)
         guard = MemoryGuessGuard(timers, reactor.seconds, **limits)
     registrar = Registrar(ticket_verifier(cfg, k_ps_ring(cfg)), locations, reactor.seconds)
+    if location["backend"] == "redis":   # any PS process may see a copy of any request
+        registrar.shared_replay = RedisReplayCache(redis.bounded, location["redis_prefix"],
+                                                   registrar.verifier.replay_cache.retention_s)
     transfer = CreditTransfer(
         authenticate=registrar.authenticate, ledger=ledger, device_keys=CachedDeviceKeys(LedgerDeviceKeyStore(ledger), reactor.seconds),
         locations=locations, notices=NoticeQueue(ledger), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
@@ -117,9 +124,16 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
                          require_tls=cfg["ps"]["require_tls"])
     sip = cfg["sip"]
     endpoint, listener = sip_listener("ps", cfg["ps"]["listen"], core, timers, settings,
-                                      sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor)
-    transfer.endpoint = charges.endpoint = endpoint
+                                      sip["max_transactions"], sip["udp_rcvbuf_bytes"], reactor,
+                                      reuse_port=cfg["ps"]["reuse_port"])
+    transfer.endpoint = charges.endpoint = registrar.endpoint = endpoint
     listener.setServiceParent(parent)
+    if cfg["ps"]["relay_listen"]:
+        relay = PeerRelay(cfg["ps"]["instance_id"], cfg["ps"]["peers"], endpoint)
+        endpoint.join_peers(relay)
+        relaying = RelayListenerService(cfg["ps"]["relay_listen"], relay, reactor)
+        relaying.setName("ps-relay")
+        relaying.setServiceParent(parent)
     for stream in stream_listeners("ps", endpoint, cfg["ps"], cfg["tls"], reactor):
         stream.setServiceParent(parent)
     sessions = SessionService(charges, ledger)

@@ -213,7 +213,8 @@ class SessionKeeper:
         extra = [h for h in headers if h[0] != "Content-Type"]
         if reason:
             extra.append(("Reason", reason))
-        request = dialog.request("BYE", self.endpoint.sent_by, headers=extra, body=body,
+        request = dialog.request("BYE", self.endpoint.sent_by, branch=self.endpoint.new_branch(),
+                                 headers=extra, body=body,
                                  content_type=SESSION_END_CONTENT_TYPE)
         self.endpoint.send_request(request, dialog.peer).addErrback(
             lambda failure: self.log.info("ps: BYE to {peer} unanswered: {why}",

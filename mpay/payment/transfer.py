@@ -158,9 +158,10 @@ class CreditTransfer:
         self.active: dict[tuple[str, str], TransferFlow] = {}   # live transfers, for the manhole
 
     def __call__(self, txn: ServerTransaction, request: Request) -> None:
-        verified = self.authenticate(txn, request)
-        if verified is None:
-            return
+        self.authenticate(txn, request, lambda verified: self._authenticated(txn, request, verified),
+                          idempotent=True)
+
+    def _authenticated(self, txn: ServerTransaction, request: Request, verified: Any) -> None:
         flow = TransferFlow(verified.number, request.call_id)
         self.active[(flow.payer, flow.call_id)] = flow
         work = self._transfer(txn, request, flow)
@@ -316,7 +317,8 @@ class CreditTransfer:
         request = build_request("MESSAGE", f"sip:{payee}@{addr[0]}:{addr[1]}", sent_by=(host, port),
                                 from_uri=from_uri, to_uri=e164.sip_uri(payee, self.domain),
                                 call_id=new_call_id(host), cseq=1, body=body,
-                                content_type=NOTICE_CONTENT_TYPE)
+                                content_type=NOTICE_CONTENT_TYPE,
+                                branch=self.endpoint.new_branch(), from_tag=self.endpoint.new_tag())
         sent = self.endpoint.send_request(request, addr)
         sent.addCallback(lambda response: 200 <= response.status < 300)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from mpay.sip.headers import ParseError, parse_name_addr
 from mpay.sip.message import Request, Response
+from mpay.sip.peers import Relayed
 from mpay.sip.stream import Flow, transport_of
 from mpay.sip.useragent import build_request
 
@@ -53,16 +54,21 @@ class Dialog:
     def to_json(self) -> dict[str, Any]:
         data = {field.name: getattr(self, field.name) for field in fields(self)}
         data["peer"] = [self.peer[0], self.peer[1], transport_of(self.peer)]
+        if isinstance(self.peer, Relayed):
+            data["peer"] += [self.peer.via, self.peer.local]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Dialog:
         """A stored dialog; a stream peer comes back as a flow to be resolved when sent on."""
         values = dict(data)
-        host, port, *transport = values["peer"]
-        transport = transport[0] if transport else "UDP"
-        values["peer"] = (str(host), int(port)) if transport == "UDP" else \
-            Flow(str(host), int(port), transport)
+        host, port, *rest = values["peer"]
+        transport = rest[0] if rest else "UDP"
+        if len(rest) == 3:
+            values["peer"] = Relayed(str(host), int(port), transport, rest[1], rest[2])
+        else:
+            values["peer"] = (str(host), int(port)) if transport == "UDP" else \
+                Flow(str(host), int(port), transport)
         return cls(**values)
 
 

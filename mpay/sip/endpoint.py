@@ -19,7 +19,9 @@ from typing import Any, Callable, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mpay.sip import useragent
 from mpay.sip.message import ParseError, Request, make_response, parse
+from mpay.sip.peers import MARKER, Relayed
 from mpay.sip.timing import TimerSettings
 from mpay.sip.transaction import MAX_TRANSACTIONS, ServerTransaction, TransactionLayer
 
@@ -67,6 +69,8 @@ def response_destination(request: Request, source: tuple[str, int]) -> tuple[str
             return source
     if getattr(source, "reliable", False):
         return source   # a stream: back over the connection the request came on (18.2.2)
+    if isinstance(source, Relayed):
+        return source.moved(host, via.port or DEFAULT_SIP_PORT)
     return (host, via.port or DEFAULT_SIP_PORT)
 
 
@@ -94,17 +98,67 @@ class SIPEndpoint:
         self.flow_lost: list[Callable[[Any], None]] = []   # called with each closed flow
         # Our address as peers should see it in Via and Contact; set by the transport.
         self.sent_by: tuple[str, int] | None = None
+        # The peer relay (peers.py) when several PS instances share the devices; this
+        # instance's name then ends every branch and tag it makes.
+        self.relay: Any = None
+        self.instance = ""
         self.requests: Counter = Counter()     # method -> received (retransmissions included)
         self.responses: Counter = Counter()    # (method, status) -> sent by a transaction
         self.parse_errors: Counter = Counter()  # "answered" | "dropped"
         self.send_errors = 0
         self.layer = TransactionLayer(timers, self.send, self, settings, max_transactions,
-                                      count_response=self._count_response)
+                                      new_tag=self.new_tag, count_response=self._count_response)
         allowed = set(core.handlers) | set(ALWAYS_ALLOWED)
         self.allow = ", ".join(sorted(allowed))
 
     def _not_listening(self, data: bytes, addr: Any) -> None:
         raise RuntimeError("SIPEndpoint used before a transport was attached")
+
+    # -- identifiers and the peer relay (peers.py) -----------------------------
+    def new_branch(self) -> str:
+        return useragent.new_branch() + self._suffix
+
+    def new_tag(self) -> str:
+        return useragent.new_tag() + self._suffix
+
+    _suffix = ""
+
+    def join_peers(self, relay: Any) -> None:
+        """Share the devices with other instances: mark our identifiers, relay theirs."""
+        self.relay, self.instance = relay, relay.instance
+        self._suffix = MARKER + relay.instance
+
+    def local_address(self, transport: str) -> str:
+        """The server side of our flows over *transport*, as bindings record it."""
+        if transport == "UDP":
+            host, port = self.sent_by or ("", 0)
+        else:
+            host, port = (self.sent_by or ("", 0))[0], self.stream_ports.get(transport, 0)
+        return f"{host}:{port}"
+
+    def resolve(self, addr: Any) -> Any:
+        """A flow another instance holds, as this one must reach it: directly when it
+        is ours or we send from the same UDP address, else (a Relayed) through it."""
+        if not isinstance(addr, Relayed):
+            return addr
+        if addr.via == self.instance or (addr.transport == "UDP" and
+                                         addr.local == self.local_address("UDP")):
+            if addr.transport == "UDP":
+                return (addr[0], addr[1])
+            from mpay.sip.stream import Flow   # stream.py builds on this module
+            return self.flows.get((addr.transport, addr[0], addr[1]),
+                                  Flow(addr[0], addr[1], addr.transport))
+        if self.relay is None:
+            raise ConnectionError(f"{addr!r} is held by another instance and we have no relay")
+        return addr
+
+    def write_local(self, data: bytes, host: str, port: int, transport: str) -> None:
+        """A peer's OUT frame: write on our flow to (host, port); gone flows drop it."""
+        target = (host, port) if transport == "UDP" else self.flows.get((transport, host, port))
+        if target is None:
+            self.stream_errors["relayed_flow_gone"] += 1
+            return
+        self.send(data, target)
 
     # -- flows: the stream connections (stream.py) ---------------------------
     def add_flow(self, flow: Any) -> bool:
@@ -128,7 +182,7 @@ class SIPEndpoint:
     def live(self, addr: Any) -> Any:
         """The live flow for a stream address (recalled ones included), or None; UDP: *addr*."""
         transport = getattr(addr, "transport", "UDP")
-        if transport == "UDP":
+        if transport == "UDP" or isinstance(addr, Relayed):
             return addr
         connection = getattr(addr, "connection", None)
         if connection is not None and connection.connected:
@@ -136,6 +190,11 @@ class SIPEndpoint:
         return self.flows.get((transport, addr[0], addr[1]))
 
     def _route(self, data: bytes, addr: Any) -> None:
+        if isinstance(addr, Relayed):
+            addr = self.resolve(addr)
+            if isinstance(addr, Relayed):
+                self.relay.relay_out(data, addr)
+                return
         if getattr(addr, "transport", "UDP") == "UDP":
             self.udp_write(data, addr)
             return
@@ -159,6 +218,7 @@ class SIPEndpoint:
         Fails with :class:`SIPTimeout` when the transaction gives up (64 x T1).
         """
         result: defer.Deferred = defer.Deferred()
+        addr = self.resolve(addr)
         reliable = getattr(addr, "reliable", False)
         if reliable:
             flow = self.live(addr)
@@ -197,13 +257,18 @@ class SIPEndpoint:
     def _count_response(self, method: str, status: int) -> None:
         self.responses[(method if method in KNOWN_METHODS else "other", status)] += 1
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[str, int], relayed: bool = False) -> None:
         try:
             message = parse(data)
         except ParseError as exc:
             self._malformed(exc, addr)
             return
         try:
+            if self.relay is not None and not relayed:
+                owner = self.relay.owner(message)
+                if owner is not None:   # another instance's transaction or dialog
+                    self.relay.relay_in(owner, data, addr)
+                    return
             if isinstance(message, Request):
                 method = message.method
                 self.requests[method if method in KNOWN_METHODS else "other"] += 1

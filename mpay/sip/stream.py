@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.peers import Relayed
 
 MAX_STREAM_HEADER_BYTES = 16 * 1024
 """Longest header block on a stream; past it the peer is not speaking SIP to us."""
@@ -159,7 +160,10 @@ def transport_of(addr: Any) -> str:
 
 def address_of(binding: Any) -> Any:
     """Where to send to a registered device: its UDP address, or its stream flow
-    (resolved to the live connection, if there is one, when sent on)."""
+    (resolved to the live connection, if there is one, when sent on); with
+    several PS instances, the flow as the instance holding it (``peers.py``)."""
+    if binding.via:
+        return Relayed(binding.host, binding.port, binding.transport, binding.via, binding.local)
     if binding.transport == "UDP":
         return (binding.host, binding.port)
     return Flow(binding.host, binding.port, binding.transport)

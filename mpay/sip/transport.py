@@ -69,17 +69,37 @@ def raise_receive_buffer(sock: socket.socket, size_bytes: int) -> int:
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
+def listen_udp_shared(reactor, port: int, interface: str, protocol: DatagramProtocol,
+                      max_packet_bytes: int = 8192):
+    """listenUDP with SO_REUSEPORT: several processes bind one port and the
+    kernel spreads datagrams among them by a hash of their addresses (so one
+    device's datagrams keep reaching one process while the set is unchanged)."""
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        sock.setblocking(False)
+        # The reactor takes its own duplicate of the descriptor.
+        return reactor.adoptDatagramPort(sock.fileno(), family, protocol, max_packet_bytes)
+    finally:
+        sock.close()
+
+
 class UDPListenerService(service.Service):
     """Listens for one SIP endpoint; ``port`` is known once started (port 0 works)."""
 
     log = Logger()
 
     def __init__(self, description: str, endpoint: SIPEndpoint, reactor=None,
-                 rcvbuf_bytes: int = UDP_RCVBUF_BYTES):
+                 rcvbuf_bytes: int = UDP_RCVBUF_BYTES, reuse_port: bool = False):
         self.description = description
         self.port_number, self.interface = parse_udp_description(description)
+        if reuse_port and self.port_number == 0:
+            raise ValueError("reuse_port needs a fixed port: processes share it")
         self.endpoint = endpoint
         self.rcvbuf_bytes = rcvbuf_bytes
+        self.reuse_port = reuse_port
         self._reactor = reactor
         self.listening = None
 
@@ -92,8 +112,11 @@ class UDPListenerService(service.Service):
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
-        self.listening = reactor.listenUDP(self.port_number, SIPDatagramProtocol(self.endpoint),
-                                           interface=self.interface)
+        protocol = SIPDatagramProtocol(self.endpoint)
+        if self.reuse_port:
+            self.listening = listen_udp_shared(reactor, self.port_number, self.interface, protocol)
+        else:
+            self.listening = reactor.listenUDP(self.port_number, protocol, interface=self.interface)
         granted = None
         sock = getattr(self.listening, "socket", None)
         if sock is not None:
@@ -111,10 +134,12 @@ class UDPListenerService(service.Service):
 
 
 def sip_listener(role: str, description: str, core, timers, settings: TimerSettings,
-                 max_transactions: int, rcvbuf_bytes: int, reactor=None) -> tuple[SIPEndpoint, UDPListenerService]:
+                 max_transactions: int, rcvbuf_bytes: int, reactor=None,
+                 reuse_port: bool = False) -> tuple[SIPEndpoint, UDPListenerService]:
     """A server's endpoint and its UDP listener service (named ``<role>-sip``)."""
     endpoint = SIPEndpoint(role, core, timers, settings, max_transactions)
-    listener = UDPListenerService(description, endpoint, reactor=reactor, rcvbuf_bytes=rcvbuf_bytes)
+    listener = UDPListenerService(description, endpoint, reactor=reactor, rcvbuf_bytes=rcvbuf_bytes,
+                                  reuse_port=reuse_port)
     listener.setName(f"{role}-sip")
     return endpoint, listener
 

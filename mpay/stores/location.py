@@ -31,8 +31,10 @@ class Binding:
     contact: str         # Contact URI as the device registered it
     host: str            # source address of the REGISTER: where requests go
     port: int
-    transport: str       # "UDP" (TCP/TLS later)
+    transport: str       # "UDP", "TCP" or "TLS"
     expires_at: float    # server clock, seconds
+    via: str = ""        # with several PS instances: the one holding the flow (peers.py)
+    local: str = ""      # and the server side of the flow, "host:port"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

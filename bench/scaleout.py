@@ -1,0 +1,128 @@
+"""Scale-out: the mixed-traffic run against one PS process, then against two (issue 8).
+
+Both runs use the real ``twistd mpay`` with Redis and PostgreSQL (a key
+prefix and a schema of the run's own, removed afterwards); the second adds
+``--workers 2``: two PS processes on one UDP port (SO_REUSEPORT), joined by
+the peer relay.  The devices live in this process and drive OPERATIONS
+mixed operations (60% transfers, 25% OTCN charges, 15% timed sessions;
+``mpay.load.mixed``), CONCURRENCY at a time; then the books are checked:
+the audit, no idempotency key twice, every success in the journal.
+
+The machine has two cores and this process (the devices: signing, SIP) is
+on them too, so the figure is what one machine gives, not what a second
+machine would add.
+
+    python bench/scaleout.py [--operations N] [--concurrency C]
+
+Last line: ``scaleout: one_per_s=X two_per_s=Y ratio=Y/X books=ok|FAILED``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import psycopg  # noqa: E402
+from psycopg import sql as pgsql  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+
+from mpay import config as mpay_config  # noqa: E402
+from mpay.ledger import LedgerService, store_opener  # noqa: E402
+from mpay.load.devices import SimDevices  # noqa: E402
+from mpay.load.mixed import MixedTraffic, check_books  # noqa: E402
+from mpay.load.server import free_udp_ports  # noqa: E402
+from mpay.stores.location import connect_redis  # noqa: E402
+from tests.crashload import eventually  # noqa: E402
+from tests.test_workers import WorkerServer, udp_port_taken  # noqa: E402
+
+OPERATIONS = 20_000
+CONCURRENCY = 200
+SEED = 20261201
+PG_DSN = "postgresql://127.0.0.1:5432/test"
+FUNDS_MINOR = 10_000_000
+ROLES = {"payers": ("+8869120008{:02d}", 6), "payees": ("+8869870008{:02d}", 6),
+         "consumers": ("+8869330008{:02d}", 4), "merchants": ("+8862233008{:02d}", 3)}
+
+
+@defer.inlineCallbacks
+def one_run(reactor, workers: int, operations: int, concurrency: int):
+    """(operations per second, the outcomes' summary, problems found in the books)."""
+    schema, prefix = f"mpay_scale_{uuid.uuid4().hex[:10]}", f"mpay-scale-{uuid.uuid4().hex[:8]}:"
+    directory = tempfile.mkdtemp(prefix="mpay-")
+    as_port, ps_port, relay_port = free_udp_ports(3)
+    ledger_settings = {"backend": "postgres", "postgres_dsn": PG_DSN, "postgres_schema": schema}
+    settings = ["location.backend=redis", f"location.redis_prefix={prefix}",
+                f"ps.relay_listen=udp:{relay_port}:interface=127.0.0.1",
+                *(f"ledger.{key}={value}" for key, value in ledger_settings.items())]
+    server = WorkerServer(reactor, directory, as_port, ps_port, workers=workers,
+                          logfile=os.path.join(directory, "server.log"), settings=tuple(settings))
+    ledger = devices = None
+    try:
+        server.start()
+        yield server.wait_ready()
+        if workers > 1:
+            relays = [relay_port + k for k in range(workers)]
+            yield eventually(reactor, lambda: all(map(udp_port_taken, relays)), 400, 0.05,
+                             "every worker's relay bound")
+        cfg = mpay_config.load(None, {f"ledger.{k}": v for k, v in ledger_settings.items()})
+        ledger = LedgerService(store_opener(cfg["ledger"]), reactor)
+        ledger.startService()
+        devices = SimDevices.for_server(reactor, server)
+        groups = {}
+        for role, (pattern, size) in ROLES.items():
+            groups[role] = []
+            for index in range(size):
+                number = pattern.format(index)
+                groups[role].append((yield devices.ready(number)))
+                if role in ("payers", "consumers"):
+                    yield ledger.cash_in(number, FUNDS_MINOR, f"fund-{number}")
+        traffic = MixedTraffic(reactor, seed=SEED, **groups)
+        started = time.perf_counter()
+        yield traffic.run(operations, concurrency)
+        elapsed = time.perf_counter() - started
+        problems = yield check_books(ledger, traffic.outcomes)
+        return operations / elapsed, traffic.outcomes.summary(), problems
+    finally:
+        if devices is not None:
+            yield devices.stop()
+        if ledger is not None:
+            yield ledger.stopService()
+        yield server.stop()
+        with psycopg.connect(PG_DSN, autocommit=True) as connection:
+            connection.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                               .format(pgsql.Identifier(schema)))
+        redis = yield connect_redis("127.0.0.1", 6379, pool_size=1)
+        keys = yield redis.keys(prefix + "*")
+        if keys:
+            yield redis.delete(keys)
+        yield redis.disconnect()
+        shutil.rmtree(directory, True)
+
+
+@defer.inlineCallbacks
+def main(reactor, argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--operations", type=int, default=OPERATIONS)
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    args = parser.parse_args(argv)
+    rates, ok = {}, True
+    for workers in (1, 2):
+        rate, summary, problems = yield one_run(reactor, workers, args.operations, args.concurrency)
+        rates[workers] = rate
+        ok = ok and not problems
+        print(f"{workers} PS process(es): {rate:,.0f} operations/s; {summary}")
+        for problem in problems:
+            print(f"  books: {problem}")
+    print(f"scaleout: one_per_s={rates[1]:.0f} two_per_s={rates[2]:.0f}"
+          f" ratio={rates[2] / rates[1]:.2f} books={'ok' if ok else 'FAILED'}")
+
+
+if __name__ == "__main__":
+    task.react(main)
