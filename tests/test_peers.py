@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mpay.sip import peers
+from mpay.payment.otcn import new_otcn
 from mpay.sip.message import parse
 from mpay.sip.peers import FrameError, PeerRelay, Relayed, decode_frame, encode_frame
 from mpay.stores.location import connect_redis
@@ -265,3 +266,57 @@ class SharedReplayCacheTests(unittest.TestCase):
         self.assertEqual(payer.verified_receipt(replayed, PAYEE, 100).journal_id,
                          payer.verified_receipt(response, PAYEE, 100).journal_id)
         self.assertEqual((yield two.a.top.ledger.balance(PAYEE)).available, 100)
+
+
+class SharedRulesTests(unittest.TestCase):
+    """OTCN single use, guess blocking and session holds, each split across the two."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.two = TwoInstances(self)
+        yield self.two.start()
+        self.ledger = self.two.a.top.ledger
+        self.consumer, _ = yield self.two.ready_at("psa", CONSUMER)
+        self.consumer.charge_policy = lambda asked: 200
+        self.merchant, _ = yield self.two.ready_at("psa", MERCHANT)
+        yield self.ledger.cash_in(CONSUMER, 1_000, "fund-consumer")
+
+    def through(self, device, name):
+        """*device* sends its next requests to instance *name* (one ticket serves both)."""
+        device.ps_addr = self.two.address(name)
+        return device
+
+    @defer.inlineCallbacks
+    def test_an_otcn_used_through_one_instance_is_unknown_to_the_other(self):
+        grant = yield self.consumer.request_otcn()
+        first = yield self.through(self.merchant, "psa").charge(grant["otcn"], 100)
+        again = yield self.through(self.merchant, "psb").charge(grant["otcn"], 100)
+        self.assertEqual((first.status, again.status), (200, 404))
+        self.assertEqual((yield self.ledger.balance(MERCHANT)).available, 100)
+
+    @defer.inlineCallbacks
+    def test_guesses_spread_over_both_instances_add_up_to_one_block(self):
+        statuses = []
+        for index in range(6):
+            merchant = self.through(self.merchant, "psa" if index % 2 else "psb")
+            statuses.append((yield merchant.charge(new_otcn(), 10)).status)
+        self.assertEqual(statuses, [404] * 5 + [403])
+        grant = yield self.consumer.request_otcn()
+        blocked = yield self.through(self.merchant, "psa").charge(grant["otcn"], 10)
+        self.assertEqual((blocked.status, blocked.reason), (403, "Too Many Unknown OTCNs"))
+
+    @defer.inlineCallbacks
+    def test_funds_held_by_a_session_on_one_instance_cannot_be_spent_through_the_other(self):
+        payee, _ = yield self.two.ready_at("psb", PAYEE)
+        response = yield self.through(self.merchant, "psb").charge(CONSUMER, rate=1)
+        self.assertEqual(response.status, 200)                    # the session lives in psb
+        self.assertEqual(len(self.two.cores()["psb"].charges.by_consumer_call), 1)
+        refused = yield self.through(self.consumer, "psa").transfer(PAYEE, 500).addErrback(
+            lambda failure: failure.value)
+        self.assertIn("402", str(refused))
+        self.assertEqual((yield self.ledger.balance(PAYEE)).balance, 0)
+        yield self.merchant.end_session(response.call_id)
+        paid, _ = yield self.consumer.transfer(PAYEE, 500)
+        self.assertEqual(paid.status, 200, "released once the session ended")
+        report = yield self.ledger.audit()
+        self.assertTrue(report.ok, report.format())
