@@ -47,12 +47,16 @@ CONCURRENCY = 200
 SEED = 20261201
 PG_DSN = "postgresql://127.0.0.1:5432/test"
 FUNDS_MINOR = 10_000_000
-ROLES = {"payers": ("+8869120008{:02d}", 6), "payees": ("+8869870008{:02d}", 6),
-         "consumers": ("+8869330008{:02d}", 4), "merchants": ("+8862233008{:02d}", 3)}
+ROLES = {"payers": ("+886912008{:03d}", 6), "payees": ("+886987008{:03d}", 6),
+         "consumers": ("+886933008{:03d}", 4), "merchants": ("+886223308{:03d}", 3)}
+"""Number pattern and devices per role, before --scale."""
+
+SCALE = 5
+"""Devices per role x this: enough accounts that two ledger writers seldom wait on one row."""
 
 
 @defer.inlineCallbacks
-def one_run(reactor, workers: int, operations: int, concurrency: int):
+def one_run(reactor, workers: int, operations: int, concurrency: int, scale: int):
     """(operations per second, the outcomes' summary, problems found in the books)."""
     schema, prefix = f"mpay_scale_{uuid.uuid4().hex[:10]}", f"mpay-scale-{uuid.uuid4().hex[:8]}:"
     directory = tempfile.mkdtemp(prefix="mpay-")
@@ -78,15 +82,17 @@ def one_run(reactor, workers: int, operations: int, concurrency: int):
         groups = {}
         for role, (pattern, size) in ROLES.items():
             groups[role] = []
-            for index in range(size):
+            for index in range(size * scale):
                 number = pattern.format(index)
                 groups[role].append((yield devices.ready(number)))
                 if role in ("payers", "consumers"):
                     yield ledger.cash_in(number, FUNDS_MINOR, f"fund-{number}")
         traffic = MixedTraffic(reactor, seed=SEED, **groups)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         yield traffic.run(operations, concurrency)
         elapsed = time.perf_counter() - started
+        print(f"  {workers} PS process(es): the devices' process used"
+              f" {100 * (time.process_time() - cpu) / elapsed:.0f}% of a core")
         problems = yield check_books(ledger, traffic.outcomes)
         return operations / elapsed, traffic.outcomes.summary(), problems
     finally:
@@ -111,10 +117,12 @@ def main(reactor, argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--operations", type=int, default=OPERATIONS)
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument("--scale", type=int, default=SCALE)
     args = parser.parse_args(argv)
     rates, ok = {}, True
     for workers in (1, 2):
-        rate, summary, problems = yield one_run(reactor, workers, args.operations, args.concurrency)
+        rate, summary, problems = yield one_run(reactor, workers, args.operations, args.concurrency,
+                                                 args.scale)
         rates[workers] = rate
         ok = ok and not problems
         print(f"{workers} PS process(es): {rate:,.0f} operations/s; {summary}")
