@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Debian trixie's SIPp, which has TLS, in a root of its own outside the checkout (built once).
+SIPP_TLS_ROOT ?= /var/cache/mpay/sipp-trixie
+export SIPP_TLS_ROOT
 
 .PHONY: run test bench demo clean sipp
 
@@ -18,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= mpay $(ARGS)
 
 test: $(STAMP)
-	@command -v sipp >/dev/null || $(MAKE) --no-print-directory sipp
+	@{ command -v sipp && [ -x $(SIPP_TLS_ROOT)/usr/bin/sipp ]; } >/dev/null || $(MAKE) --no-print-directory sipp
 	$(BIN)/trial --reporter=mpay $(or $(TESTS),tests)
 
 # Against the servers of `make run` (another shell): enrol, pay, charge, audit.
@@ -31,9 +34,13 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) _trial_temp twisted/plugins/dropin.cache
 
-# SIPp, the independent SIP peer of the interop tests (Debian: sip-tester).
+# SIPp, the independent SIP peer of the interop tests (Debian: sip-tester), and for TLS
+# trixie's in $(SIPP_TLS_ROOT) (about a minute, once).  Never fails: what is missing is skipped.
 sipp:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    command -v sipp >/dev/null || \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester >/dev/null) \
-	    || echo "could not install sip-tester"; \
-	else echo "SIPp (Debian package sip-tester) is missing: the SIPp interop tests will be skipped"; fi
+	    || echo "could not install sip-tester: the SIPp interop tests will be skipped"; \
+	    [ -x $(SIPP_TLS_ROOT)/usr/bin/sipp ] || { echo "building SIPp with TLS in $(SIPP_TLS_ROOT)"; \
+	    sh tests/sipp/build_tls_root.sh $(SIPP_TLS_ROOT) || echo "the SIPp TLS test will be skipped"; }; \
+	else echo "SIPp (Debian package sip-tester) and its TLS build need root: the SIPp tests may be skipped"; fi
