@@ -114,6 +114,14 @@ def _instance(value: str) -> str:
     return value
 
 
+def _instances(value: str) -> list[str]:
+    """Comma-separated instance names (possibly none)."""
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    for name in names:
+        _instance(name)
+    return names
+
+
 def _relay_listen(value: str) -> str:
     if value and not value.startswith("udp:"):
         raise ValueError("must look like udp:PORT[:interface=ADDR], or be empty")
@@ -202,6 +210,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "reuse_port": Key("false", _bool),
         "relay_listen": Key("", _relay_listen),
         "peers": Key("", _peers),
+        "adopt_sessions": Key("", _instances),
     },
     "ledger": {
         "backend": Key("sqlite", _backend("sqlite", "postgres")),

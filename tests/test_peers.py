@@ -196,6 +196,26 @@ class CrossInstanceTests(unittest.TestCase):
         self.assertEqual((yield self.ledger.open_sessions()), [])
 
 
+    @defer.inlineCallbacks
+    def test_the_sessions_of_an_instance_that_will_not_return_are_settled_by_another(self):
+        consumer, _ = yield self.two.ready_at("psa", CONSUMER)
+        merchant, _ = yield self.two.ready_at("psb", MERCHANT)
+        consumer.charge_policy = lambda asked: 200
+        yield self.ledger.cash_in(CONSUMER, 10_000, "fund-consumer")
+        response = yield merchant.charge(CONSUMER, rate=10)
+        self.assertEqual(response.status, 200)
+        [session] = yield self.ledger.open_sessions()
+        self.assertEqual(session.owner, "psb")
+        yield self.two.b.stopService()                      # psb is retired with it open
+        settled = yield self.two.cores()["psa"].charges.sessions.recover(("psb",))
+        self.assertEqual(settled, 1)
+        self.assertEqual((yield self.ledger.open_sessions()), [])
+        self.assertEqual((yield self.ledger.balance(CONSUMER)).held, 0)
+        yield self.two.a.eventually(lambda: not consumer.sessions)   # told with a BYE
+        report = yield self.ledger.audit()
+        self.assertTrue(report.ok, report.format())
+
+
 class SharedPortTests(unittest.TestCase):
     """Both instances on one UDP port (SO_REUSEPORT): the kernel picks, the relay mends."""
 

@@ -64,8 +64,12 @@ class WorkerSettingsTests(unittest.TestCase):
     def test_each_worker_has_its_name_and_relay_and_knows_the_others(self):
         first, second, third = worker_settings(self.config(), 3)
         peers = "ps1=127.0.0.1:5160, ps2=127.0.0.1:5161, ps3=127.0.0.1:5162"
+        adopted = first.pop("ps.adopt_sessions").split(", ")
         self.assertEqual(first, {"ps.instance_id": "ps1", "ps.reuse_port": "true", "ps.peers": peers,
                                  "ps.relay_listen": "udp:5160:interface=127.0.0.1"})
+        # Worker 1 settles what one process or a larger set of workers left open.
+        self.assertEqual(adopted[:3], ["ps", "ps4", "ps5"])
+        self.assertNotIn("ps2", adopted)
         self.assertEqual((second["ps.instance_id"], second["server.role"], second["ps.listen_tcp"]),
                          ("ps2", "ps", ""))
         self.assertEqual(third["ps.relay_listen"], "udp:5162:interface=127.0.0.1")

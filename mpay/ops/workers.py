@@ -59,10 +59,15 @@ def worker_settings(cfg: Config, workers: int) -> list[dict[str, str]]:
     relay_host = relay_interface or "127.0.0.1"
     names = [f"{ps['instance_id'][:14]}{k}" for k in range(1, workers + 1)]
     peers = ", ".join(f"{name}={relay_host}:{relay_base + k}" for k, name in enumerate(names))
+    # Worker 1 settles what the single process (its base name) and workers past N left open.
+    retired = [ps["instance_id"]] + [f"{ps['instance_id'][:14]}{k}"
+                                     for k in range(workers + 1, MAX_WORKERS + 1)]
     settings = []
     for k, name in enumerate(names):
         own = {"ps.instance_id": name, "ps.reuse_port": "true", "ps.peers": peers,
                "ps.relay_listen": f"udp:{relay_base + k}:interface={relay_host}"}
+        if k == 0:
+            own["ps.adopt_sessions"] = ", ".join(retired)
         if k:   # the children: a PS alone, nothing else bound to a port
             own.update({"server.role": "ps", "ps.listen_tcp": "", "ps.listen_tls": "",
                         "metrics.listen": "", "manhole.listen": ""})

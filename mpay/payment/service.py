@@ -61,16 +61,17 @@ class SessionService(service.Service):
 
     log = Logger()
 
-    def __init__(self, charges: ChargeService, ledger: Any):
+    def __init__(self, charges: ChargeService, ledger: Any, adopted: tuple[str, ...] = ()):
         self.charges = charges
         self.ledger = ledger
+        self.adopted = adopted
         self.recovered: defer.Deferred | None = None
 
     def startService(self) -> None:
         super().startService()
         self.charges.start()
         self.recovered = self.ledger.whenOpen().addCallback(
-            lambda _: self.charges.sessions.recover())
+            lambda _: self.charges.sessions.recover(self.adopted))
         self.recovered.addErrback(self._not_recovered)
 
     def _not_recovered(self, failure: Any) -> None:
@@ -136,7 +137,7 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         relaying.setServiceParent(parent)
     for stream in stream_listeners("ps", endpoint, cfg["ps"], cfg["tls"], reactor):
         stream.setServiceParent(parent)
-    sessions = SessionService(charges, ledger)
+    sessions = SessionService(charges, ledger, tuple(cfg["ps"]["adopt_sessions"]))
     sessions.setName("ps-sessions")
     sessions.setServiceParent(parent)  # after the listener: recovery sends BYEs
     parent.core, parent.listener, parent.locations, parent.otcns = core, listener, locations, otcns

@@ -243,9 +243,12 @@ class SessionKeeper:
                 lambda failure: self.log.failure("ps: session checkpoint failed", failure))
 
     @defer.inlineCallbacks
-    def recover(self):
-        """At start: settle this PS's sessions left open by a crash, BYE both sides."""
-        recovered = yield self.ledger.recover_sessions(self.owner)
+    def recover(self, adopted: tuple[str, ...] = ()):
+        """At start: settle this PS's sessions left open by a crash, BYE both sides; also
+        those of the *adopted* instances, which will not come back (``[ps] adopt_sessions``)."""
+        recovered = []
+        for owner in (self.owner, *adopted):
+            recovered += (yield self.ledger.recover_sessions(owner))
         for session, result in recovered:
             try:
                 dialog = json.loads(session.dialog)
