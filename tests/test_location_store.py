@@ -5,7 +5,9 @@ import secrets
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mpay.stores.location import Binding, MemoryLocationStore, RedisLocationStore, connect_redis
+from mpay.stores.location import (
+    Binding, BoundedRedis, MemoryLocationStore, RedisLocationStore, connect_redis,
+)
 
 from tests.support import ClockWheel
 
@@ -101,3 +103,65 @@ class RedisLocationStoreTests(LocationStoreBehaviour, unittest.TestCase):
         yield self.store.bind(binding(), 3600)
         ttl = yield self.redis.ttl(self.prefix + "loc:" + NUMBER)
         self.assertTrue(3590 <= ttl <= 3600, ttl)
+
+
+class _StallingReactor:
+    """Twisted's loop order, modelled: a pass runs the timers that are due (calls made
+    during the pass wait for the next one), then the I/O poll delivers what arrived."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls = []
+        self.arrived = []     # I/O waiting to be read: callables
+
+    def seconds(self):
+        return self.now
+
+    def callLater(self, delay, func, *args):
+        call = task.DelayedCall(self.now + delay, func, args, {}, self._cancel, lambda c: None,
+                                self.seconds)
+        self.calls.append(call)
+        return call
+
+    def _cancel(self, call):
+        self.calls.remove(call)
+
+    def iterate(self, stall_s=0.0):
+        self.now += stall_s
+        due = [call for call in self.calls if call.getTime() <= self.now]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args)
+        arrived, self.arrived = self.arrived, []
+        for deliver in arrived:
+            deliver()
+
+
+class BoundedRedisTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = _StallingReactor()
+        self.pending = defer.Deferred()
+        pool = type("Pool", (), {"get": lambda _, key: self.pending})()
+        self.redis = BoundedRedis(pool, self.reactor, timeout_s=1.0)
+
+    def test_a_reply_that_came_during_a_stall_is_read_before_the_bound_is_decided(self):
+        result = self.redis.get("k")
+        self.reactor.arrived.append(lambda: self.pending.callback("v"))
+        self.reactor.iterate(stall_s=1.5)          # the bound passed while the reply waited
+        self.assertEqual(self.successResultOf(result), "v")
+        self.assertEqual(self.redis.timeouts, 0)
+
+    def test_no_reply_at_all_fails_with_a_timeout(self):
+        result = self.redis.get("k")
+        self.reactor.iterate(stall_s=1.5)
+        self.assertNoResult(result)
+        self.reactor.iterate()
+        self.failureResultOf(result, defer.TimeoutError)
+        self.assertEqual(self.redis.timeouts, 1)
+
+    def test_a_reply_in_time_leaves_no_timer_behind(self):
+        result = self.redis.get("k")
+        self.pending.callback("v")
+        self.assertEqual(self.successResultOf(result), "v")
+        self.assertEqual(self.reactor.calls, [])

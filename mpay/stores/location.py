@@ -135,6 +135,9 @@ class BoundedRedis:
     memory), and works again as soon as the pool has reconnected.  A command
     timed out may still reach Redis later; every store operation is safe
     to arrive late (a binding refreshed, an OTCN consumed unused: closed).
+    The bound is counted from when the command was sent, but decided only
+    after the reactor has read its sockets once more: a stalled reactor
+    must not time out a reply that is already waiting to be read.
     """
 
     def __init__(self, pool, reactor, timeout_s: float = REDIS_TIMEOUT_S):
@@ -152,13 +155,29 @@ class BoundedRedis:
             result = command(*args, **kwargs)
             if not isinstance(result, defer.Deferred):
                 return result
-            result.addTimeout(self.timeout_s, self._reactor)
+            reactor = self._reactor
 
-            def timed_out(failure):
-                failure.trap(defer.TimeoutError)
-                self.timeouts += 1
-                return failure
+            def give_up() -> None:
+                if not result.called:
+                    self.timeouts += 1
+                    result.cancel()
 
-            return result.addErrback(timed_out)
+            def expired() -> None:
+                # After a stall the reactor runs its timers before it reads its sockets, so
+                # a reply that came during the stall would lose the race: read first.
+                waiting[0] = reactor.callLater(0, give_up)
+
+            waiting = [reactor.callLater(self.timeout_s, expired)]
+
+            def settled(outcome):
+                if waiting[0].active():
+                    waiting[0].cancel()
+                return outcome
+
+            def cancelled(failure):
+                failure.trap(defer.CancelledError)
+                raise defer.TimeoutError(f"Redis gave no answer in {self.timeout_s} s")
+
+            return result.addBoth(settled).addErrback(cancelled)
 
         return bounded
