@@ -172,13 +172,20 @@ class CrossInstanceTests(unittest.TestCase):
         self.assertTrue(report.ok, report.format())
 
     @defer.inlineCallbacks
-    def test_a_timed_session_held_by_one_instance_is_ended_by_a_bye_through_the_other(self):
-        consumer, consumer_wire = yield self.two.ready_at("psa", CONSUMER)
+    def session_held_by_psb(self):
+        """A consumer at psa, a merchant at psb, and a timed session between them: (consumer,
+        the merchant's 200)."""
+        consumer, _ = yield self.two.ready_at("psa", CONSUMER)
         merchant, _ = yield self.two.ready_at("psb", MERCHANT)
         consumer.charge_policy = lambda asked: 200
         yield self.ledger.cash_in(CONSUMER, 10_000, "fund-consumer")
         response = yield merchant.charge(CONSUMER, rate=10)
         self.assertEqual(response.status, 200)
+        return consumer, response
+
+    @defer.inlineCallbacks
+    def test_a_timed_session_held_by_one_instance_is_ended_by_a_bye_through_the_other(self):
+        consumer, _ = yield self.session_held_by_psb()
         holder = self.two.cores()["psb"].charges
         self.assertEqual(len(holder.by_consumer_call), 1)
         [consumer_call] = list(holder.by_consumer_call)
@@ -195,15 +202,9 @@ class CrossInstanceTests(unittest.TestCase):
         self.assertEqual(consumer_balance.available + merchant_balance.available, 10_000)
         self.assertEqual((yield self.ledger.open_sessions()), [])
 
-
     @defer.inlineCallbacks
     def test_the_sessions_of_an_instance_that_will_not_return_are_settled_by_another(self):
-        consumer, _ = yield self.two.ready_at("psa", CONSUMER)
-        merchant, _ = yield self.two.ready_at("psb", MERCHANT)
-        consumer.charge_policy = lambda asked: 200
-        yield self.ledger.cash_in(CONSUMER, 10_000, "fund-consumer")
-        response = yield merchant.charge(CONSUMER, rate=10)
-        self.assertEqual(response.status, 200)
+        consumer, _ = yield self.session_held_by_psb()
         [session] = yield self.ledger.open_sessions()
         self.assertEqual(session.owner, "psb")
         yield self.two.b.stopService()                      # psb is retired with it open
