@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.internet import defer, threads
 
-from mpay.load.books import POSTGRES_URL_SCHEMES
+from mpay.load.books import is_postgres_url
 
 REDIS = "redis"
 POSTGRES = "postgres"
@@ -43,10 +43,14 @@ def parse_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def with_application_name(dsn: str, application: str) -> str:
-    """The PostgreSQL URL *dsn* with ``application_name`` set (mpay-admin takes URLs only)."""
-    if not dsn.startswith(POSTGRES_URL_SCHEMES):
+def _require_url(dsn: str) -> None:
+    if not is_postgres_url(dsn):        # mpay-admin takes URLs only
         raise ValueError(f"the PostgreSQL DSN must be a postgresql:// URL, not {dsn!r}")
+
+
+def with_application_name(dsn: str, application: str) -> str:
+    """The PostgreSQL URL *dsn* with ``application_name`` set."""
+    _require_url(dsn)
     parts = urlsplit(dsn)
     query = [(key, value) for key, value in parse_qsl(parts.query) if key != "application_name"]
     query.append(("application_name", application))
@@ -69,7 +73,7 @@ class Backends:
     def named(cls, names: tuple[str, ...], *, redis: tuple[str, int] = DEFAULT_REDIS,
               postgres_dsn: str = DEFAULT_POSTGRES_DSN, label: str = "load") -> "Backends":
         if POSTGRES in names:
-            with_application_name(postgres_dsn, "check")    # a URL, or ValueError now
+            _require_url(postgres_dsn)
         return cls(redis if REDIS in names else None,
                    postgres_dsn if POSTGRES in names else None, label)
 

@@ -19,6 +19,11 @@ from mpay.ledger.api import MAX_STATEMENT_ROWS
 POSTGRES_URL_SCHEMES = ("postgresql://", "postgres://")
 
 
+def is_postgres_url(dsn: str) -> bool:
+    """Whether *dsn* is a URL (what ``mpay-admin --db`` takes), not ``key=value`` pairs."""
+    return dsn.startswith(POSTGRES_URL_SCHEMES)
+
+
 @dataclass(frozen=True)
 class LedgerRef:
     """A ``[ledger]`` config section (backend, sqlite_path, postgres_dsn, postgres_schema);
@@ -39,7 +44,7 @@ class LedgerRef:
     def parse(cls, text: str, schema: str | None = None) -> "LedgerRef":
         """What ``mpay-admin --db`` takes: ``sqlite:PATH`` or a ``postgresql://`` URL (with
         *schema*); a bare path is a SQLite file."""
-        if text.startswith(POSTGRES_URL_SCHEMES):
+        if is_postgres_url(text):
             return cls.postgres(text, schema or "public")
         if schema is not None:
             raise ValueError("a schema is for a PostgreSQL ledger only")
@@ -75,7 +80,7 @@ class LedgerRef:
         if self.backend == "sqlite":
             return ["--db", f"sqlite:{self.section['sqlite_path']}"]
         dsn = self.section.get("postgres_dsn") or ""
-        if not dsn.startswith(POSTGRES_URL_SCHEMES):
+        if not is_postgres_url(dsn):
             raise ValueError("mpay-admin takes a postgresql:// URL (or an INI file), not"
                              f" {dsn!r}")
         return ["--db", dsn, "--schema", self.section.get("postgres_schema") or "public"]

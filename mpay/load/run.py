@@ -227,7 +227,7 @@ class LoadRunner:
             senders.append(sender)
         readies = yield defer.gatherResults([sender.ready for sender in senders],
                                             consumeErrors=True)
-        backend_cpu_before = self._backend_cpu(self._backend_pids())
+        backend_cpu_before = self._backend_cpu((yield threads.deferToThread(self._backend_pids)))
         start_at = self.reactor.seconds() + START_DELAY_S
         server_cpu_before = self._server_cpu()
         own_cpu_before = cpu_s()
@@ -272,7 +272,8 @@ class LoadRunner:
         return process_cpu_s(self.target.pid) if self.target.pid is not None else float("nan")
 
     def _backend_pids(self) -> list[int]:
-        """The production backends' processes now (a PostgreSQL backend per connection)."""
+        """The production backends' processes now (a PostgreSQL backend per connection;
+        blocking: a query)."""
         if self.target.backends is None:
             return []
         pids = self.target.backends.postgres_pids()
