@@ -131,11 +131,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep the server's directory (ledger, log) and its PostgreSQL"
                              " schema, and say where")
     backends = parser.add_argument_group("the production backends (for the server started here)")
-    backends.add_argument("--backends", type=_backend_names, default=(),
+    backends.add_argument("--backends", type=_backend_names, default="embedded",
                           help="redis, postgres or redis,postgres: the location store on Redis,"
-                               " the ledger on PostgreSQL (default: the embedded ones)")
-    backends.add_argument("--redis", type=_host_port, default=production.DEFAULT_REDIS,
-                          metavar="HOST:PORT", help="the Redis for --backends redis")
+                               " the ledger on PostgreSQL")
+    backends.add_argument("--redis", type=_host_port, metavar="HOST:PORT",
+                          default="{}:{}".format(*production.DEFAULT_REDIS),
+                          help="the Redis for --backends redis")
     backends.add_argument("--postgres-dsn", default=production.DEFAULT_POSTGRES_DSN,
                           help="the database for --backends postgres (a postgresql:// URL)")
     external = parser.add_argument_group("a server already running (instead of starting one)")
