@@ -4,14 +4,20 @@ The servers run as ``twistd mpay`` builds them; the devices reach the PS
 through :class:`FaultyNetwork` (5% of datagrams dropped, 5% duplicated, 5%
 held back, both ways).  Afterwards the audit passes, no idempotency key is in
 the journal twice, and every transfer a device got a verified receipt for is
-in the journal.  ``bench/faults.py`` runs the same at 100,000 operations.
+in the journal; the same again with the location stores on Redis and the
+ledger on PostgreSQL (a prefix and a schema of the test's own), where the
+books are read back from PostgreSQL.  ``bench/faults.py`` runs the same at
+100,000 operations (``--backends redis,postgres``, ``--outages``).
 """
 
 from __future__ import annotations
 
+import psycopg
+from psycopg import sql as pgsql
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from mpay.load.backends import Backends
 from mpay.load.mixed import MixedTraffic, check_books
 from mpay.sim.network import FaultPlan, FaultyNetwork
 from mpay.sip.endpoint import SIPTimeout
@@ -19,6 +25,7 @@ from tests.flow import MpayFixture
 
 SEED = 20261201
 OPERATIONS = 300
+PRODUCTION_OPERATIONS = 150
 CONCURRENCY = 30
 FUNDS_MINOR = 1_000_000
 
@@ -57,9 +64,10 @@ def through(network, device, tries: int = 5):
 
 
 @defer.inlineCallbacks
-def faulty_world(testcase, plan):
-    """Enrolled, funded devices that reach the PS through a faulty network."""
-    mpay = MpayFixture(testcase, "ps.transfer_timer_a_s=2", "ps.charge_timer_a_s=5")
+def faulty_world(testcase, plan, *settings: str):
+    """Enrolled, funded devices that reach the PS through a faulty network; *settings* are
+    more ``SECTION.KEY=VALUE`` for the servers (the production backends)."""
+    mpay = MpayFixture(testcase, "ps.transfer_timer_a_s=2", "ps.charge_timer_a_s=5", *settings)
     yield mpay.start()
     roles = {"payers": "+8869120000{:02d}", "payees": "+8869870000{:02d}",
              "consumers": "+8869330000{:02d}", "merchants": "+8862233000{:02d}"}
@@ -85,15 +93,35 @@ class FaultRunTests(unittest.TestCase):
     timeout = 300
 
     @defer.inlineCallbacks
-    def test_mixed_traffic_through_drops_duplicates_and_reordering_keeps_the_books(self):
+    def run_mixed(self, operations: int, *settings: str):
         plan = FaultPlan(SEED, drop=0.05, duplicate=0.05, reorder=0.05)
-        mpay, network, devices = yield faulty_world(self, plan)
+        mpay, network, devices = yield faulty_world(self, plan, *settings)
         traffic = MixedTraffic(reactor, seed=SEED, **devices)
-        yield traffic.run(OPERATIONS, CONCURRENCY)
+        yield traffic.run(operations, CONCURRENCY)
         totals = traffic.outcomes.totals()
-        self.assertEqual(totals["attempted"], OPERATIONS)
-        self.assertGreater(totals["succeeded"], 0.9 * OPERATIONS, traffic.outcomes.summary())
+        self.assertEqual(totals["attempted"], operations)
+        self.assertGreater(totals["succeeded"], 0.9 * operations, traffic.outcomes.summary())
+        return mpay, plan, traffic
+
+    @defer.inlineCallbacks
+    def test_mixed_traffic_through_drops_duplicates_and_reordering_keeps_the_books(self):
+        mpay, plan, traffic = yield self.run_mixed(OPERATIONS)
         self.assertGreater(plan.counts["dropped"], 0)
         self.assertGreater(plan.counts["duplicated"], 0)
         problems = yield check_books(mpay.top.ledger, traffic.outcomes)
         self.assertEqual(problems, [], traffic.outcomes.summary())
+
+    @defer.inlineCallbacks
+    def test_the_same_on_redis_and_postgres_keeps_the_books_in_postgres(self):
+        backends = Backends.named(("redis", "postgres"), label="faults")
+        self.addCleanup(backends.cleanup)             # after the servers have stopped
+        mpay, plan, traffic = yield self.run_mixed(PRODUCTION_OPERATIONS, *backends.settings())
+        problems = yield check_books(mpay.top.ledger, traffic.outcomes)
+        self.assertEqual(problems, [], traffic.outcomes.summary())
+        confirmed = set(traffic.outcomes.transfer_journal_ids)
+        self.assertGreater(len(confirmed), 0)
+        with psycopg.connect(backends.postgres_dsn) as connection:   # the rows are in PostgreSQL
+            rows = connection.execute(
+                pgsql.SQL("SELECT id FROM {}.journal WHERE kind = 'transfer'")
+                .format(pgsql.Identifier(backends.postgres_schema))).fetchall()
+        self.assertLessEqual(confirmed, {row[0] for row in rows})

@@ -1,14 +1,21 @@
-"""mpay-load's plain parts: arrival schedules, statistics, the capacity search, the CSV."""
+"""mpay-load's plain parts (arrival schedules, statistics, the capacity search, the CSV), the
+ledger it checks on either backend, and a small sweep on Redis + PostgreSQL for real."""
 
 from __future__ import annotations
 
 import io
 import math
 import random
+import re
+import sys
 
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from mpay.cli import load
 from mpay.load import schedule
+from mpay.load.backends import Backends, parse_names, with_application_name
+from mpay.load.books import LedgerRef
 from mpay.load.capacity import CapacitySearch
 from mpay.load.report import CSV_FIELDS, ProgressBar, write_csv
 from mpay.load.run import RateReport
@@ -166,3 +173,78 @@ class ReportTests(unittest.TestCase):
         bar.update(5, 10)
         bar.finish()
         self.assertEqual(stream.getvalue(), "")
+
+
+class LedgerRefTests(unittest.TestCase):
+    def test_sqlite_and_postgres_are_named_to_mpay_admin_as_its_own_options_name_them(self):
+        self.assertEqual(LedgerRef.parse("var/ledger.sqlite3").admin_args(),
+                         ["--db", "sqlite:var/ledger.sqlite3"])
+        self.assertEqual(LedgerRef.parse("sqlite:///tmp/l.db").admin_args(),
+                         ["--db", "sqlite:/tmp/l.db"])
+        ledger = LedgerRef.parse("postgresql://127.0.0.1:5432/test", "mpay_x")
+        self.assertEqual(ledger.admin_args(),
+                         ["--db", "postgresql://127.0.0.1:5432/test", "--schema", "mpay_x"])
+        self.assertEqual(ledger.section["backend"], "postgres")
+
+    def test_a_schema_without_postgres_and_a_dsn_admin_cannot_take_are_refused(self):
+        self.assertRaises(ValueError, LedgerRef.parse, "ledger.sqlite3", "mpay")
+        self.assertRaises(ValueError, LedgerRef.parse, "sqlite:")
+        ledger = LedgerRef.postgres("host=127.0.0.1 dbname=test", "mpay")
+        self.assertRaises(ValueError, ledger.admin_args)
+
+    def test_the_servers_own_ini_file_is_handed_on(self):
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as stream:
+            stream.write("[ledger]\nbackend = postgres\npostgres_dsn = postgresql://db/mpay\n")
+        ledger = LedgerRef.from_config(path)
+        self.assertEqual((ledger.backend, ledger.admin_args()), ("postgres", ["--config", path]))
+
+
+class BackendsTests(unittest.TestCase):
+    def test_names(self):
+        self.assertEqual(parse_names("postgres, redis"), ("postgres", "redis"))
+        self.assertEqual(parse_names("embedded"), ())
+        self.assertRaises(ValueError, parse_names, "redis,mysql")
+
+    def test_each_run_owns_a_prefix_a_schema_and_an_application_name(self):
+        first, second = Backends.named(("redis", "postgres")), Backends.named(("redis",))
+        self.assertNotEqual(first.redis_prefix, second.redis_prefix)
+        self.assertIsNone(second.postgres_dsn)
+        settings = dict(setting.split("=", 1) for setting in first.settings())
+        self.assertEqual(settings["location.redis_prefix"], first.redis_prefix)
+        self.assertEqual(settings["ledger.postgres_schema"], first.postgres_schema)
+        self.assertEqual(settings["ledger.postgres_dsn"],
+                         f"postgresql://127.0.0.1:5432/test?application_name="
+                         f"{first.application_name}")
+        self.assertEqual(with_application_name("postgres://h/db?sslmode=disable&"
+                                               "application_name=old", "new"),
+                         "postgres://h/db?sslmode=disable&application_name=new")
+        self.assertRaises(ValueError, Backends.named, ("postgres",), postgres_dsn="dbname=test")
+
+
+class ProductionSweepTests(unittest.TestCase):
+    """mpay-load's sweep with the server on the Redis and PostgreSQL of 127.0.0.1, for real."""
+
+    timeout = 120    # seconds; a run takes about 15
+
+    @defer.inlineCallbacks
+    def test_a_small_sweep_on_redis_and_postgres_keeps_the_books_and_leaves_nothing(self):
+        count = 50
+        args = load.parse_args(["--rates", "3000", "--count", str(count), "--payers", "2",
+                                "--payees", "2", "--workers", "2",
+                                "--backends", "redis,postgres"])
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        reports = yield load.sweep(reactor, args)
+        self.assertEqual(len(reports), 1, out.getvalue())
+        report = reports[0]
+        self.assertEqual(report.stats.status_text(), f"200:{count}", out.getvalue())
+        self.assertTrue(report.audit_ok, report.audit_output)
+        self.assertEqual((report.journal_checked, report.journal_missing), (count, 0))
+        self.assertFalse(math.isnan(report.backend_cpu_pct), "the backends' CPU was measured")
+        backends = args.production
+        self.assertIn(f"dropped schema {backends.postgres_schema}", out.getvalue())
+        deleted = re.search(r"deleted (\d+) Redis keys", out.getvalue())
+        self.assertGreaterEqual(int(deleted.group(1)), 4, "four devices' bindings were in Redis")
+        leftovers = yield backends.leftovers()
+        self.assertEqual(leftovers, (0, False), "the run's keys and schema are gone")

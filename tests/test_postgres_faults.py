@@ -11,16 +11,14 @@ one journal row each, every receipt's row present, the audit passes.
 
 from __future__ import annotations
 
-import uuid
-
 import psycopg
-from psycopg import sql as pgsql
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mpay.ledger.api import LedgerError
+from mpay.load.backends import POSTGRES, Backends
 from tests.flow import MpayFixture
-from tests.test_ledger import PG_DSN
+from tests.test_ledger import PG_URL
 
 PAYER, PAYEE = "+886912345678", "+886987654321"
 TRANSFERS = 40
@@ -29,21 +27,12 @@ MAX_RESENDS = 40
 RESEND_PAUSE_S = 0.25
 
 
-def terminate(application: str) -> int:
-    with psycopg.connect(PG_DSN, autocommit=True) as connection:
-        rows = connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                  " WHERE application_name = %s", (application,)).fetchall()
-    return len(rows)
-
-
 class PostgresFaultTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_postgres_drops_the_ps_and_every_transfer_is_still_paid_once(self):
-        schema = f"mpay_fault_{uuid.uuid4().hex[:10]}"
-        application = f"mpay-test-{schema}"
-        self.addCleanup(self.drop, schema)
-        mpay = MpayFixture(self, "ledger.backend=postgres", f"ledger.postgres_schema={schema}",
-                           f"ledger.postgres_dsn={PG_DSN} application_name={application}")
+        backends = Backends.named((POSTGRES,), postgres_dsn=PG_URL, label="fault")
+        self.addCleanup(backends.cleanup)              # drops the schema
+        mpay = MpayFixture(self, *backends.settings())
         yield mpay.start()
         payer, _ = yield mpay.ready(PAYER)
         yield mpay.ready(PAYEE)
@@ -51,7 +40,8 @@ class PostgresFaultTests(unittest.TestCase):
         unavailable, receipts = 0, []
         for index in range(TRANSFERS):
             if index in DROP_AT:
-                self.assertGreater(terminate(application), 0, "the PS had no connection")
+                ended = yield threads.deferToThread(backends.terminate_postgres_backends)
+                self.assertGreater(ended, 0, "the PS had no connection")
             request = payer.transfer_request(PAYEE, 10)
             for _ in range(MAX_RESENDS):
                 response = yield payer.endpoint.send_request(request, payer.ps_addr)
@@ -74,8 +64,3 @@ class PostgresFaultTests(unittest.TestCase):
         balance = yield mpay.top.ledger.balance(PAYER)
         self.assertEqual(balance.balance, 10_000 - 10 * TRANSFERS)
         self.flushLoggedErrors(psycopg.OperationalError, LedgerError)   # the drops, as logged
-
-    def drop(self, schema):
-        with psycopg.connect(PG_DSN, autocommit=True) as connection:
-            connection.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                               .format(pgsql.Identifier(schema)))

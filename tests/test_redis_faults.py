@@ -11,53 +11,23 @@ queued notice is delivered, and the books balance.
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mpay.sim.device import DeviceError
 from tests.flow import MpayFixture
-from tests.support import ProcessOutput
+from tests.outages import RedisProcess
 
 PAYER, PAYEE = "+886912345678", "+886987654321"
-REDIS = shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisFaultTests(unittest.TestCase):
     @defer.inlineCallbacks
-    def start_redis(self):
-        self.assertIsNotNone(REDIS, "redis-server is not installed (Debian package redis-server)")
-        redis = ProcessOutput()
-        reactor.spawnProcess(redis, REDIS, [REDIS, "--port", str(self.port), "--bind", "127.0.0.1",
-                                            "--save", "", "--appendonly", "no"], env=os.environ)
-        self.redis = redis
-        self.addCleanup(self.stop_redis)
-        for _ in range(100):
-            if b"Ready to accept connections" in redis.output:
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"redis-server did not start: {redis.output[-500:]!r}")
-
-    def stop_redis(self):
-        if self.redis.ended.called:
-            return None
-        self.redis.transport.signalProcess("KILL")
-        return self.redis.ended
-
-    @defer.inlineCallbacks
     def test_redis_away_means_503_then_service_resumes_by_itself(self):
-        self.port = free_port()
-        yield self.start_redis()
-        mpay = MpayFixture(self, "location.backend=redis", f"location.redis_port={self.port}",
+        redis = RedisProcess(reactor)
+        self.addCleanup(redis.stop)
+        yield redis.start()
+        mpay = MpayFixture(self, "location.backend=redis", f"location.redis_port={redis.port}",
                            "ps.transfer_timer_a_s=1")
         yield mpay.start()
         payer, _ = yield mpay.ready(PAYER)
@@ -66,7 +36,7 @@ class RedisFaultTests(unittest.TestCase):
         response, _ = yield payer.transfer(PAYEE, 100)
         self.assertEqual(response.status, 200)
 
-        yield self.stop_redis()                                   # Redis goes away
+        yield redis.stop()                                        # Redis goes away
         # Fail closed: freshness cannot be proved without the shared replay cache.
         with self.assertRaisesRegex(DeviceError, "503 Replay Cache Unavailable"):
             yield payee.register()
@@ -80,7 +50,7 @@ class RedisFaultTests(unittest.TestCase):
         bounded = mpay.top.getServiceNamed("ps").getServiceNamed("redis").bounded
         self.assertGreater(bounded.timeouts, 0)
 
-        yield self.start_redis()                                  # back, and empty
+        yield redis.start()                                       # back, and empty
 
         @defer.inlineCallbacks
         def registered():

@@ -5,11 +5,16 @@
     mpay-load --find-capacity                  # search the rate where success falls
     mpay-load --arrival poisson --seed 7       # exponential gaps instead of uniform ones
     mpay-load --rates 30000,60000 --seconds 15 # each rate sustained 15 s (more than --count)
+    mpay-load --backends redis,postgres        # on the production backends
 
 By default it starts the real server (``twistd --nodaemon mpay``, embedded
-defaults, every file in a temporary directory) and stops it at the end; with
-``--as``/``--ps`` (and ``--ledger``, ``--modem-control``, ``--as-key``) it
-loads a server already running.  Payers and payees are enrolled Sim-DMDs with
+defaults, every file in a temporary directory) and stops it at the end.
+``--backends redis,postgres`` puts that server's location store on Redis
+and its ledger on PostgreSQL (``--redis``, ``--postgres-dsn``), under a key
+prefix and a schema of the run's own, removed afterwards (the schema is kept
+with ``--keep``).  With ``--as``/``--ps`` (and ``--ledger`` or
+``--ledger-config``, ``--modem-control``, ``--as-key``) it loads a server
+already running.  Payers and payees are enrolled Sim-DMDs with
 real tickets and keys; every request carries ticket, authenticator and the
 payer's signature, is committed by the ledger and confirmed by the payee.  A
 request succeeds when its payer has the final 200 within ``--timeout``.
@@ -37,7 +42,9 @@ import tempfile
 from twisted.internet import defer, task
 
 from mpay.auth.keyfiles import KeyFileError
+from mpay.load import backends as production
 from mpay.load import schedule as schedules
+from mpay.load.books import LedgerRef
 from mpay.load.capacity import (
     DEFAULT_MAX_RUNS, DEFAULT_RESOLUTION, STRICT_SUCCESS, THESIS_SUCCESS, CapacitySearch,
 )
@@ -81,6 +88,13 @@ def _host_port(text: str) -> tuple[str, int]:
     return (host or "127.0.0.1", int(port))
 
 
+def _backend_names(text: str) -> tuple[str, ...]:
+    try:
+        return production.parse_names(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mpay-load", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -114,18 +128,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="more configuration for the server started here")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the server's directory (ledger, log) and say where")
+                        help="keep the server's directory (ledger, log) and its PostgreSQL"
+                             " schema, and say where")
+    backends = parser.add_argument_group("the production backends (for the server started here)")
+    backends.add_argument("--backends", type=_backend_names, default="embedded",
+                          help="redis, postgres or redis,postgres: the location store on Redis,"
+                               " the ledger on PostgreSQL")
+    backends.add_argument("--redis", type=_host_port, metavar="HOST:PORT",
+                          default="{}:{}".format(*production.DEFAULT_REDIS),
+                          help="the Redis for --backends redis")
+    backends.add_argument("--postgres-dsn", default=production.DEFAULT_POSTGRES_DSN,
+                          help="the database for --backends postgres (a postgresql:// URL)")
     external = parser.add_argument_group("a server already running (instead of starting one)")
     external.add_argument("--as", dest="as_addr", type=_host_port, help="AS address HOST:PORT")
     external.add_argument("--ps", dest="ps_addr", type=_host_port, help="PS address HOST:PORT")
-    external.add_argument("--ledger", help="its SQLite ledger file (audit, journal, top-ups)")
+    external.add_argument("--ledger", help="its ledger (audit, journal, top-ups): a SQLite file"
+                                           " (or sqlite:PATH) or a postgresql:// URL")
+    external.add_argument("--schema", help="the PostgreSQL schema of --ledger")
+    external.add_argument("--ledger-config", metavar="INI",
+                          help="instead of --ledger: the server's INI file ([ledger] section)")
     external.add_argument("--modem-control", help="its simulated modem's control socket")
     external.add_argument("--as-key", help="the AS's public key file (pinned by the devices)")
     external.add_argument("--server-pid", type=int, help="its process, for its CPU")
     args = parser.parse_args(argv)
-    given = [args.as_addr, args.ps_addr, args.ledger, args.modem_control, args.as_key]
+    given = [args.as_addr, args.ps_addr, args.ledger or args.ledger_config, args.modem_control,
+             args.as_key]
     if any(given) and not all(given):
-        parser.error("a running server needs --as, --ps, --ledger, --modem-control and --as-key")
+        parser.error("a running server needs --as, --ps, --ledger (or --ledger-config),"
+                     " --modem-control and --as-key")
+    if args.as_addr and args.backends:
+        parser.error("--backends is for the server started here; a running one has its own")
+    args.ledger_ref = None
+    try:
+        if args.ledger_config:
+            args.ledger_ref = LedgerRef.from_config(args.ledger_config)
+        elif args.ledger:
+            args.ledger_ref = LedgerRef.parse(args.ledger, args.schema)
+        args.production = production.Backends.named(args.backends, redis=args.redis,
+                                                    postgres_dsn=args.postgres_dsn)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     if args.count < 1 or args.payers < args.workers or min(args.payees, args.workers) < 1:
         parser.error("need --count >= 1, --payees >= 1, --workers >= 1 and --payers >= --workers")
     if args.seconds is None:
@@ -165,13 +207,32 @@ def bar_line(reports: list[RateReport]) -> str:
 def _start_server(reactor, args: argparse.Namespace, directory: str):
     if args.as_addr:
         return None, Target(args.as_addr, args.ps_addr, args.modem_control, args.as_key,
-                            args.ledger, args.server_pid)
+                            args.ledger_ref, args.server_pid)
+    backends = args.production
     server = ServerProcess(reactor, directory, *free_udp_ports(2),
                            logfile=os.path.join(directory, "server.log"),
-                           settings=tuple(args.set))
+                           settings=(*backends.settings(), *args.set))
     server.start()
-    yield server.wait_ready()
-    return server, Target.of(server)
+    try:
+        yield server.wait_ready()
+    except Exception:
+        yield server.stop()
+        raise
+    return server, Target.of(server, backends if backends.any else None)
+
+
+@defer.inlineCallbacks
+def _clean_backends(args: argparse.Namespace):
+    """Remove the run's Redis keys and (unless --keep) its schema; say what was done."""
+    if args.as_addr or not args.production.any:
+        return
+    try:
+        done = yield args.production.cleanup(keep_schema=args.keep)
+    except Exception as exc:     # the run's own result stands; say what is left behind
+        print(f"mpay-load: cleaning up {args.production.describe()} failed: {exc}",
+              file=sys.stderr, flush=True)
+    else:
+        print(done, flush=True)
 
 
 @defer.inlineCallbacks
@@ -187,8 +248,9 @@ def sweep(reactor, args: argparse.Namespace):
                                 payers=args.payers, payees=args.payees, workers=args.workers,
                                 timeout_s=args.timeout, min_seconds=args.seconds)
         runner = LoadRunner(reactor, target, settings, progress=bar.update)
+        stores = args.production.describe() if server is not None else target.ledger.describe()
         print(f"enrolling {args.payers} payers and {args.payees} payees"
-              f" (server pid {target.pid or 'not known'})", flush=True)
+              f" (server pid {target.pid or 'not known'}; {stores})", flush=True)
         yield runner.prepare()
         search = CapacitySearch(args.start_rate, max_per_min=args.max_rate,
                                 resolution=args.resolution, max_runs=args.max_runs) \
@@ -216,6 +278,7 @@ def sweep(reactor, args: argparse.Namespace):
             yield runner.stop()
         if server is not None:
             yield server.stop()
+        yield _clean_backends(args)
         if args.keep:
             print(f"kept {directory}", flush=True)
         else:

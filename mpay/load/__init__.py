@@ -5,5 +5,7 @@ transfers at a given arrival rate; payees confirm the PS's notices; a request
 succeeds when its payer has the final 200 in time.  The arrival schedule, the
 statistics and the capacity search are plain objects (``schedule``,
 ``stats``, ``capacity``); ``server`` and ``devices`` are the real server as a
-child process and the devices enrolled against it.
+child process and the devices enrolled against it; ``books`` is the ledger
+checked after each rate (SQLite or PostgreSQL), ``backends`` the Redis
+prefix and PostgreSQL schema a run owns on the production backends.
 """

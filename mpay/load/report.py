@@ -14,7 +14,7 @@ from typing import IO, Iterable
 from mpay.load.run import RateReport
 
 CSV_FIELDS = ("rate_per_min", "count", "succeeded", "success", "mean_ms", "p50_ms", "p99_ms",
-              "send_lag_p99_ms", "server_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
+              "send_lag_p99_ms", "server_cpu_pct", "backend_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
               "busiest_sender_cpu_pct", "precompute_us", "duration_s",
               "statuses", "late", "resent", "audit_ok", "journal_checked", "journal_missing")
 
@@ -37,6 +37,7 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "mean_ms": _figure(stats.mean_ms, 2), "p50_ms": _figure(stats.p50_ms, 2),
             "p99_ms": _figure(stats.p99_ms, 2), "send_lag_p99_ms": _figure(stats.lag_p99_ms, 2),
             "server_cpu_pct": _figure(stats.server_cpu_pct, 1),
+            "backend_cpu_pct": _figure(report.backend_cpu_pct, 1),
             "generator_cpu_pct": _figure(stats.generator_cpu_pct, 1),
             "payee_cpu_pct": _figure(report.payee_cpu_pct, 1),
             "busiest_sender_cpu_pct": _figure(report.busiest_sender_cpu_pct, 1),
@@ -61,9 +62,11 @@ def summary_line(report: RateReport) -> str:
     books = "ok" if report.books_ok else (
         f"FAILED (audit {'ok' if report.audit_ok else 'failed'},"
         f" {report.journal_missing} of {report.journal_checked} journal ids missing)")
+    backends = (f" (+ Redis/PostgreSQL {row['backend_cpu_pct']} %)"
+                if row["backend_cpu_pct"] else "")
     return (f"{row['rate_per_min']:>8s}/min  success {row['success']}  mean {row['mean_ms']} ms"
             f"  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  server CPU"
-            f" {row['server_cpu_pct']} %  generator CPU {row['generator_cpu_pct']} %"
+            f" {row['server_cpu_pct']} %{backends}  generator CPU {row['generator_cpu_pct']} %"
             f" (busiest sender {row['busiest_sender_cpu_pct']} %)"
             f"  [{row['statuses']}, late {row['late']}]  books {books}")
 

@@ -5,11 +5,13 @@ tops the payers up with ``mpay-admin``, and keeps the payees: real Sim-DMDs
 registered at the PS, confirming each notice with 200.  For each rate it
 deals the schedule to WORKERS payer processes (``mpay.load.worker``), lets
 them build their signed requests, starts them together, and collects every
-request's outcome.  Then the books are checked: ``mpay-admin audit`` must
-pass and every journal id the payers were given in a 200 must be in the
-journal.  The server's CPU comes from ``/proc/<pid>/stat``; the generator's
-is the senders' own (``getrusage``) plus this process's, so a reader can
-tell whether the load generator was the bottleneck.
+request's outcome.  Then the books are checked, on whichever ledger the
+server has (``mpay.load.books``): ``mpay-admin audit`` must pass and every
+journal id the payers were given in a 200 must be in the journal.  The
+server's CPU comes from ``/proc/<pid>/stat``; on the production backends so
+does theirs (the PostgreSQL backends serving the server, the redis-server);
+the generator's is the senders' own (``getrusage``) plus this process's, so
+a reader can tell whether the load generator was the bottleneck.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import gc
 import json
 import math
 import os
-import sqlite3
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 
 from mpay.load import schedule as schedules
+from mpay.load.backends import Backends
+from mpay.load.books import LedgerRef
 from mpay.load.devices import SimDevices
 from mpay.load.server import REPO, process_cpu_s, run_admin
 from mpay.load.stats import Outcome, RunStats
@@ -53,9 +56,6 @@ START_DELAY_S = 0.3
 WORKER_OUTPUT_KEPT_BYTES = 16 * 1024
 """The tail of a sender's stderr kept for the error message when it fails."""
 
-JOURNAL_QUERY_IDS = 500
-"""Journal ids looked up per query (under SQLite's bound on parameters)."""
-
 PAYER_PREFIX = "+88691"
 PAYEE_PREFIX = "+88692"
 
@@ -70,14 +70,15 @@ class Target:
     ps_addr: tuple[str, int]
     modem_control: str
     as_key_path: str
-    ledger_path: str
+    ledger: LedgerRef
     pid: int | None = None           # the server process, for its CPU (None: not measured)
+    backends: Backends | None = None  # its production stores, for their CPU (None: not measured)
 
     @classmethod
-    def of(cls, server: Any) -> "Target":
+    def of(cls, server: Any, backends: Backends | None = None) -> "Target":
         """The target of a running :class:`~mpay.load.server.ServerProcess`."""
         return cls(server.as_addr, server.ps_addr, server.modem_control, server.path("as.pub"),
-                   server.ledger_path, server.pid)
+                   server.ledger, server.pid, backends)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class RateReport:
     payee_cpu_pct: float = math.nan          # this process: the payees (and the bookkeeping)
     busiest_sender_cpu_pct: float = math.nan  # a sender near 100 % was the bottleneck itself
     precompute_us: float = math.nan          # sender CPU to build one signed request
+    backend_cpu_pct: float = math.nan        # PostgreSQL backends + redis-server (if used)
 
     @property
     def books_ok(self) -> bool:
@@ -172,6 +174,7 @@ class LoadRunner:
                                   as_key_path=target.as_key_path, ps_key_path=None)
         self.payers: list[Any] = []
         self.payees: list[Any] = []
+        self._redis_pid: int | None = None
 
     @defer.inlineCallbacks
     def prepare(self):
@@ -184,11 +187,13 @@ class LoadRunner:
         self.payers = devices[:self.settings.payers]
         self.payees = devices[self.settings.payers:]
         funded = yield defer.gatherResults(
-            [run_admin(self.target.ledger_path, "topup", payer.state.number, str(TOP_UP_MINOR))
+            [run_admin(self.target.ledger, "topup", payer.state.number, str(TOP_UP_MINOR))
              for payer in self.payers], consumeErrors=True)
         for code, output in funded:
             if code != 0:
                 raise RuntimeError(f"mpay-admin topup failed: {output}")
+        if self.target.backends is not None:
+            self._redis_pid = yield self.target.backends.redis_pid()
 
     def stop(self) -> defer.Deferred:
         return self.devices.stop()
@@ -222,6 +227,7 @@ class LoadRunner:
             senders.append(sender)
         readies = yield defer.gatherResults([sender.ready for sender in senders],
                                             consumeErrors=True)
+        backend_cpu_before = self._backend_cpu((yield threads.deferToThread(self._backend_pids)))
         start_at = self.reactor.seconds() + START_DELAY_S
         server_cpu_before = self._server_cpu()
         own_cpu_before = cpu_s()
@@ -237,6 +243,9 @@ class LoadRunner:
             gc.enable()
         duration_s = self.reactor.seconds() - start_at
         server_cpu_s = self._server_cpu() - server_cpu_before
+        backend_cpu_after = self._backend_cpu(list(backend_cpu_before))
+        backend_cpu_s = sum(backend_cpu_after[pid] - backend_cpu_before[pid]
+                            for pid in backend_cpu_after)
         payee_cpu_s = cpu_s() - own_cpu_before
         generator_cpu_s = payee_cpu_s + sum(result["cpu_s"] for result in results)
         self.progress(count, count)
@@ -246,31 +255,37 @@ class LoadRunner:
             server_cpu_pct=100 * server_cpu_s / duration_s,
             generator_cpu_pct=100 * generator_cpu_s / duration_s)
         journal_ids = [outcome.journal_id for outcome in outcomes if outcome.journal_id is not None]
-        missing = self._missing_from_journal(journal_ids)
-        code, output = yield run_admin(self.target.ledger_path, "audit")
+        missing = yield threads.deferToThread(self.target.ledger.missing_from_journal,
+                                              journal_ids)
+        code, output = yield run_admin(self.target.ledger, "audit")
         built = sum(ready["ready"] for ready in readies)
         return RateReport(
             stats, code == 0, output.strip(), len(journal_ids), missing,
             sum(result["resent"] for result in results),
             payee_cpu_pct=100 * payee_cpu_s / duration_s,
             busiest_sender_cpu_pct=max(100 * result["cpu_s"] / duration_s for result in results),
-            precompute_us=1e6 * sum(ready["precompute_cpu_s"] for ready in readies) / max(built, 1))
+            precompute_us=1e6 * sum(ready["precompute_cpu_s"] for ready in readies) / max(built, 1),
+            backend_cpu_pct=(100 * backend_cpu_s / duration_s if backend_cpu_before
+                             else math.nan))
 
     def _server_cpu(self) -> float:
         return process_cpu_s(self.target.pid) if self.target.pid is not None else float("nan")
 
-    def _missing_from_journal(self, journal_ids: list[int]) -> int:
-        """How many of *journal_ids* have no transfer row in the journal (read-only)."""
-        unique = sorted(set(journal_ids))
-        connection = sqlite3.connect(f"file:{self.target.ledger_path}?mode=ro", uri=True)
-        found = 0
-        try:
-            for start in range(0, len(unique), JOURNAL_QUERY_IDS):
-                chunk = unique[start:start + JOURNAL_QUERY_IDS]
-                marks = ", ".join("?" * len(chunk))
-                found += connection.execute(
-                    f"SELECT count(*) FROM journal WHERE kind = 'transfer' AND id IN ({marks})",
-                    chunk).fetchone()[0]
-        finally:
-            connection.close()
-        return len(unique) - found
+    def _backend_pids(self) -> list[int]:
+        """The production backends' processes now (a PostgreSQL backend per connection;
+        blocking: a query)."""
+        if self.target.backends is None:
+            return []
+        pids = self.target.backends.postgres_pids()
+        return pids + ([self._redis_pid] if self._redis_pid is not None else [])
+
+    @staticmethod
+    def _backend_cpu(pids: list[int]) -> dict[int, float]:
+        """CPU seconds of each of *pids* still running (a backend may have ended)."""
+        seconds = {}
+        for pid in pids:
+            try:
+                seconds[pid] = process_cpu_s(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return seconds

@@ -1,8 +1,9 @@
 """The real server as a child process: ``twistd --nodaemon mpay`` on loopback.
 
 A load run and a crash test both need the server exactly as an operator runs
-it -- the twistd plugin with its writer thread, its SQLite file and its
-simulated modem -- in a process of its own: ``kill -9`` must hit only the
+it -- the twistd plugin with its writer thread, its ledger (a SQLite file,
+or PostgreSQL when the settings say so) and its simulated modem -- in a
+process of its own: ``kill -9`` must hit only the
 server, and the server's CPU must be measurable apart from the load
 generator's (``/proc/<pid>/stat``).  Every file lives in one directory.
 """
@@ -21,6 +22,7 @@ from twisted.internet import defer, protocol, task, utils
 from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
+from mpay.load.books import LedgerRef
 from mpay.sip.message import Response, parse
 from mpay.sip.useragent import build_request, new_call_id
 
@@ -114,6 +116,16 @@ class ServerProcess:
     def ledger_path(self) -> str:
         return self.path("ledger.sqlite3")
 
+    @property
+    def ledger(self) -> LedgerRef:
+        """The server's ledger: its SQLite file, or what ``--set ledger.*`` chose instead."""
+        section = {"backend": "sqlite", "sqlite_path": self.ledger_path}
+        for setting in self.settings:
+            key, _, value = setting.partition("=")
+            if key.startswith("ledger."):
+                section[key[len("ledger."):]] = value
+        return LedgerRef(section)
+
     def argv(self) -> list[str]:
         argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={self.logfile}", "mpay",
                 "--as-listen", f"udp:{self.as_addr[1]}:interface={LOOPBACK}",
@@ -202,10 +214,12 @@ class ServerProcess:
 
 
 @defer.inlineCallbacks
-def run_admin(ledger_path: str, *args: str):
-    """``mpay-admin --db sqlite:LEDGER ARGS``: (exit status, its output)."""
+def run_admin(ledger: LedgerRef | str, *args: str):
+    """``mpay-admin ARGS`` on *ledger* (a SQLite file's path, or any ledger):
+    (exit status, its output)."""
+    where = (LedgerRef.sqlite(ledger) if isinstance(ledger, str) else ledger).admin_args()
     out, err, code = yield utils.getProcessOutputAndValue(
-        MPAY_ADMIN, ["--db", f"sqlite:{ledger_path}", *args], env=dict(os.environ), path=REPO)
+        MPAY_ADMIN, [*where, *args], env=dict(os.environ), path=REPO)
     return code, (out + err).decode("utf-8", "replace")
 
 
