@@ -56,7 +56,8 @@ SCALE = 5
 
 
 @defer.inlineCallbacks
-def one_run(reactor, workers: int, operations: int, concurrency: int, scale: int):
+def one_run(reactor, workers: int, operations: int, concurrency: int, scale: int,
+            keep: bool = False):
     """(operations per second, the outcomes' summary, problems found in the books)."""
     schema, prefix = f"mpay_scale_{uuid.uuid4().hex[:10]}", f"mpay-scale-{uuid.uuid4().hex[:8]}:"
     directory = tempfile.mkdtemp(prefix="mpay-")
@@ -109,7 +110,10 @@ def one_run(reactor, workers: int, operations: int, concurrency: int, scale: int
         if keys:
             yield redis.delete(keys)
         yield redis.disconnect()
-        shutil.rmtree(directory, True)
+        if keep:
+            print(f"  kept {directory} (the server's log: server.log)")
+        else:
+            shutil.rmtree(directory, True)
 
 
 @defer.inlineCallbacks
@@ -118,18 +122,25 @@ def main(reactor, argv=None):
     parser.add_argument("--operations", type=int, default=OPERATIONS)
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--scale", type=int, default=SCALE)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="the runs' PS process counts, the first the baseline")
+    parser.add_argument("--keep", action="store_true", help="keep each run's directory")
     args = parser.parse_args(argv)
     rates, ok = {}, True
-    for workers in (1, 2):
+    for workers in args.workers:
         rate, summary, problems = yield one_run(reactor, workers, args.operations, args.concurrency,
-                                                 args.scale)
+                                                 args.scale, args.keep)
         rates[workers] = rate
         ok = ok and not problems
         print(f"{workers} PS process(es): {rate:,.0f} operations/s; {summary}")
         for problem in problems:
             print(f"  books: {problem}")
-    print(f"scaleout: one_per_s={rates[1]:.0f} two_per_s={rates[2]:.0f}"
-          f" ratio={rates[2] / rates[1]:.2f} books={'ok' if ok else 'FAILED'}")
+    if set(rates) == {1, 2}:
+        print(f"scaleout: one_per_s={rates[1]:.0f} two_per_s={rates[2]:.0f}"
+              f" ratio={rates[2] / rates[1]:.2f} books={'ok' if ok else 'FAILED'}")
+    else:
+        print("scaleout: " + " ".join(f"workers{n}_per_s={rate:.0f}" for n, rate in rates.items())
+              + f" books={'ok' if ok else 'FAILED'}")
 
 
 if __name__ == "__main__":
