@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -88,11 +89,27 @@ class Outages:
                            f" registered again {time.perf_counter() - started:.1f} s after"
                            " the kill")
 
+    restart_postgres = False   # --restart-postgres: the server itself, not only its backends
+
     @defer.inlineCallbacks
     def _postgres(self, done: int):
+        if self.restart_postgres:
+            started = time.perf_counter()
+            yield threads.deferToThread(restart_postgres_server)
+            self.events.append(f"PostgreSQL restarted after {done:,} operations"
+                               f" ({time.perf_counter() - started:.1f} s)")
+            return
         ended = yield threads.deferToThread(self.backends.terminate_postgres_backends)
         self.events.append(f"PostgreSQL ended {ended} backends of the server after"
                            f" {done:,} operations")
+
+
+def restart_postgres_server() -> None:
+    """``pg_ctlcluster restart`` of the machine's cluster (root): every connection breaks and
+    new ones are refused until it is back.  Only for a machine of one's own."""
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+                   check=True, capture_output=True)
 
 
 def parse_args(argv):
@@ -106,6 +123,9 @@ def parse_args(argv):
     parser.add_argument("--outages", action="store_true",
                         help="on Redis (its own) + PostgreSQL: stop and start Redis, end"
                              " PostgreSQL's backends, during the run")
+    parser.add_argument("--restart-postgres", action="store_true",
+                        help="with --outages: restart the PostgreSQL server (pg_ctlcluster, as"
+                             " root) instead of ending the server's backends")
     return parser.parse_args(argv)
 
 
@@ -129,6 +149,7 @@ def main(reactor, argv=None):
         traffic = MixedTraffic(reactor, seed=args.seed, **devices)
         if redis is not None:
             outages = Outages(reactor, backends, redis, devices, args.operations)
+            outages.restart_postgres = args.restart_postgres
         started = time.perf_counter()
 
         def progress(done, total):
