@@ -25,27 +25,20 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psycopg  # noqa: E402
-from psycopg import sql as pgsql  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
-from mpay import config as mpay_config  # noqa: E402
 from mpay.ledger import LedgerService, store_opener  # noqa: E402
+from mpay.load.backends import Backends  # noqa: E402
 from mpay.load.devices import SimDevices  # noqa: E402
 from mpay.load.mixed import MixedTraffic, check_books  # noqa: E402
-from mpay.load.server import free_udp_ports  # noqa: E402
-from mpay.stores.location import connect_redis  # noqa: E402
-from tests.crashload import eventually  # noqa: E402
-from tests.test_workers import WorkerServer, udp_port_taken  # noqa: E402
+from mpay.load.server import ServerProcess, free_udp_ports  # noqa: E402
 
 OPERATIONS = 20_000
 CONCURRENCY = 200
 SEED = 20261201
-PG_DSN = "postgresql://127.0.0.1:5432/test"
 FUNDS_MINOR = 10_000_000
 ROLES = {"payers": ("+886912008{:03d}", 6), "payees": ("+886987008{:03d}", 6),
          "consumers": ("+886933008{:03d}", 4), "merchants": ("+886223308{:03d}", 3)}
@@ -59,25 +52,17 @@ SCALE = 5
 def one_run(reactor, workers: int, operations: int, concurrency: int, scale: int,
             keep: bool = False):
     """(operations per second, the outcomes' summary, problems found in the books)."""
-    schema, prefix = f"mpay_scale_{uuid.uuid4().hex[:10]}", f"mpay-scale-{uuid.uuid4().hex[:8]}:"
+    backends = Backends.named(("postgres", "redis"), label="scale")
     directory = tempfile.mkdtemp(prefix="mpay-")
     as_port, ps_port, relay_port = free_udp_ports(3)
-    ledger_settings = {"backend": "postgres", "postgres_dsn": PG_DSN, "postgres_schema": schema}
-    settings = ["location.backend=redis", f"location.redis_prefix={prefix}",
-                f"ps.relay_listen=udp:{relay_port}:interface=127.0.0.1",
-                *(f"ledger.{key}={value}" for key, value in ledger_settings.items())]
-    server = WorkerServer(reactor, directory, as_port, ps_port, workers=workers,
-                          logfile=os.path.join(directory, "server.log"), settings=tuple(settings))
+    server = ServerProcess(reactor, directory, as_port, ps_port, workers=workers,
+                           relay_port=relay_port, logfile=os.path.join(directory, "server.log"),
+                           settings=backends.settings())
     ledger = devices = None
     try:
         server.start()
         yield server.wait_ready()
-        if workers > 1:
-            relays = [relay_port + k for k in range(workers)]
-            yield eventually(reactor, lambda: all(map(udp_port_taken, relays)), 400, 0.05,
-                             "every worker's relay bound")
-        cfg = mpay_config.load(None, {f"ledger.{k}": v for k, v in ledger_settings.items()})
-        ledger = LedgerService(store_opener(cfg["ledger"]), reactor)
+        ledger = LedgerService(store_opener(dict(server.ledger.section)), reactor)
         ledger.startService()
         devices = SimDevices.for_server(reactor, server)
         groups = {}
@@ -102,14 +87,7 @@ def one_run(reactor, workers: int, operations: int, concurrency: int, scale: int
         if ledger is not None:
             yield ledger.stopService()
         yield server.stop()
-        with psycopg.connect(PG_DSN, autocommit=True) as connection:
-            connection.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                               .format(pgsql.Identifier(schema)))
-        redis = yield connect_redis("127.0.0.1", 6379, pool_size=1)
-        keys = yield redis.keys(prefix + "*")
-        if keys:
-            yield redis.delete(keys)
-        yield redis.disconnect()
+        yield backends.cleanup()
         if keep:
             print(f"  kept {directory} (the server's log: server.log)")
         else:

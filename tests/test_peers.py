@@ -17,14 +17,14 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mpay.load.backends import Backends
 from mpay.sip import peers
 from mpay.payment.otcn import new_otcn
 from mpay.sip.message import parse
 from mpay.sip.peers import FrameError, PeerRelay, Relayed, decode_frame, encode_frame
-from mpay.stores.location import connect_redis
 
 import tap
-from tests.flow import MpayFixture, redis_prefix
+from tests.flow import MpayFixture
 
 PAYER = "+886912000101"
 PAYEE = "+886912000202"
@@ -93,7 +93,8 @@ class TwoInstances:
 
     def __init__(self, testcase, *settings: str, reuse_port: bool = False):
         self.testcase = testcase
-        self.prefix = redis_prefix()
+        self.backends = Backends.named(("redis",), label="peers")
+        self.prefix = self.backends.redis_prefix
         relays = {"psa": free_udp_port(), "psb": free_udp_port()}
         peer_list = ", ".join(f"{name}=127.0.0.1:{port}" for name, port in relays.items())
         shared = ["location.backend=redis", f"location.redis_prefix={self.prefix}",
@@ -109,7 +110,7 @@ class TwoInstances:
         options.parseOptions(self.a.args + ["--role", "ps"] +
                              [arg for setting in own["psb"] for arg in ("--set", setting)])
         self.b = tap.makeService(options)
-        testcase.addCleanup(self.clean_redis)
+        testcase.addCleanup(self.backends.cleanup)
 
     @defer.inlineCallbacks
     def start(self):
@@ -136,14 +137,6 @@ class TwoInstances:
         yield device.get_ticket()
         yield device.register()
         return device, recorder
-
-    @defer.inlineCallbacks
-    def clean_redis(self):
-        redis = yield connect_redis("127.0.0.1", 6379, pool_size=1)
-        keys = yield redis.keys(self.prefix + "*")
-        if keys:
-            yield redis.delete(keys)
-        yield redis.disconnect()
 
 
 class CrossInstanceTests(unittest.TestCase):

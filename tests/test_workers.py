@@ -11,49 +11,23 @@ books must balance.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import socket
 import tempfile
-import uuid
 
-import psycopg
-from psycopg import sql as pgsql
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mpay import config as mpay_config
 from mpay.ledger import LedgerService, store_opener
+from mpay.load.backends import Backends
 from mpay.load.server import ServerProcess, free_udp_ports
 from mpay.ops.workers import child_command, worker_settings
 from mpay.stores.location import Binding, connect_redis
-from tests.crashload import devices_for, eventually
-from tests.flow import redis_prefix
-
-PG_DSN = "postgresql://127.0.0.1:5432/test"
+from tests.crashload import devices_for
 DEVICES = 16
 FUNDS_MINOR = 1_000
 AMOUNT_MINOR = 7
-
-
-def udp_port_taken(port: int) -> bool:
-    """True once some process has bound *port* on loopback (ours cannot, without reuse)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
-
-
-class WorkerServer(ServerProcess):
-    def __init__(self, *args, workers: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.workers = workers
-
-    def argv(self) -> list[str]:
-        return super().argv() + ["--workers", str(self.workers)]
 
 
 class WorkerSettingsTests(unittest.TestCase):
@@ -94,43 +68,23 @@ class TwoWorkerProcessesTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.schema = f"mpay_workers_{uuid.uuid4().hex[:10]}"
-        self.prefix = redis_prefix()
-        self.addCleanup(self.clean)
+        self.backends = Backends.named(("postgres", "redis"), label="workers")
+        self.addCleanup(self.backends.cleanup)
         # Short: the modem's UNIX socket path must stay under 108 bytes.
         directory = tempfile.mkdtemp(prefix="mpay-")
         self.addCleanup(shutil.rmtree, directory, True)
         logs = os.path.abspath(self.mktemp())   # in _trial_temp, which outlives the test
         os.makedirs(logs)
         as_port, ps_port, relay_port = free_udp_ports(3)
-        self.relay_ports = (relay_port, relay_port + 1)
-        ledger = {"backend": "postgres", "postgres_dsn": PG_DSN, "postgres_schema": self.schema}
-        settings = ["location.backend=redis", f"location.redis_prefix={self.prefix}",
-                    f"ps.relay_listen=udp:{relay_port}:interface=127.0.0.1",
-                    *(f"ledger.{key}={value}" for key, value in ledger.items())]
-        self.server = WorkerServer(reactor, directory, as_port, ps_port, workers=2,
-                                   logfile=os.path.join(logs, "server.log"),
-                                   settings=tuple(settings))
+        self.server = ServerProcess(reactor, directory, as_port, ps_port, workers=2,
+                                    relay_port=relay_port, logfile=os.path.join(logs, "server.log"),
+                                    settings=self.backends.settings())
         self.server.start()
         self.addCleanup(self.server.stop)
-        yield self.server.wait_ready()
-        yield eventually(reactor, lambda: all(map(udp_port_taken, self.relay_ports)), 200, 0.05,
-                         "both workers' relays bound")
-        cfg = mpay_config.load(None, {f"ledger.{key}": value for key, value in ledger.items()})
-        self.ledger = LedgerService(store_opener(cfg["ledger"]), reactor)
+        yield self.server.wait_ready()      # both workers' relays bound too
+        self.ledger = LedgerService(store_opener(dict(self.server.ledger.section)), reactor)
         self.ledger.startService()
         self.addCleanup(self.ledger.stopService)
-
-    @defer.inlineCallbacks
-    def clean(self):
-        with psycopg.connect(PG_DSN, autocommit=True) as connection:
-            connection.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                               .format(pgsql.Identifier(self.schema)))
-        redis = yield connect_redis("127.0.0.1", 6379, pool_size=1)
-        keys = yield redis.keys(self.prefix + "*")
-        if keys:
-            yield redis.delete(keys)
-        yield redis.disconnect()
 
     @defer.inlineCallbacks
     def test_a_ring_of_transfers_across_two_worker_processes(self):
@@ -154,7 +108,7 @@ class TwoWorkerProcessesTests(unittest.TestCase):
         redis = yield connect_redis("127.0.0.1", 6379, pool_size=1)
         try:
             bindings = yield defer.gatherResults([
-                redis.get(f"{self.prefix}loc:{number}") for number in numbers])
+                redis.get(f"{self.backends.redis_prefix}loc:{number}") for number in numbers])
         finally:
             yield redis.disconnect()
         holders = {Binding.from_json(text).via for text in bindings}

@@ -10,6 +10,7 @@ generator's (``/proc/<pid>/stat``).  Every file lives in one directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -35,6 +36,9 @@ LOOPBACK = "127.0.0.1"
 
 READY_TIMEOUT_S = 30.0
 """Bound on a server start (imports, keys, ledger migration) before giving up."""
+
+READY_POLL_S = 0.05
+"""Pause between two looks for the workers' relay ports while the server starts."""
 
 PROBE_INTERVAL_S = 0.1
 """How often the readiness probe re-sends its OPTIONS while the server is not up."""
@@ -88,14 +92,29 @@ class _ServerOutput(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
+def udp_port_taken(port: int) -> bool:
+    """True once some process has bound *port* on loopback (we cannot, without SO_REUSEPORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 class ServerProcess:
     """``twistd --nodaemon mpay`` with every file in *directory*, on fixed loopback ports.
 
-    *settings* are more ``--set SECTION.KEY=VALUE`` for the configuration.
+    *settings* are more ``--set SECTION.KEY=VALUE`` for the configuration;
+    *workers* > 1 runs that many PS processes (``--workers``), relaying from
+    *relay_port* up.
     """
 
     def __init__(self, reactor, directory: str, as_port: int, ps_port: int, logfile: str,
-                 settings: tuple[str, ...] = ()):
+                 settings: tuple[str, ...] = (), workers: int = 1, relay_port: int | None = None):
+        assert workers == 1 or relay_port, "--workers needs the first worker's relay port"
+        self.workers = workers
+        self.relay_ports = [relay_port + k for k in range(workers)] if workers > 1 else []
         self.reactor = reactor
         self.directory = directory
         self.as_addr = (LOOPBACK, as_port)
@@ -138,6 +157,9 @@ class ServerProcess:
                         f"ps.signing_key={self.path('ps.pem')}",
                         f"ledger.sqlite_path={self.ledger_path}", *self.settings):
             argv += ["--set", setting]
+        if self.workers > 1:
+            argv += ["--workers", str(self.workers), "--set",
+                     f"ps.relay_listen=udp:{self.relay_ports[0]}:interface={LOOPBACK}"]
         return argv
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
@@ -179,6 +201,10 @@ class ServerProcess:
         try:
             for addr in (self.as_addr, self.ps_addr):
                 yield probe_options(self.reactor, addr, deadline, lambda: not self.running)
+            while not all(map(udp_port_taken, self.relay_ports)):   # --workers: all are up
+                if not self.running or time.monotonic() > deadline:
+                    raise RuntimeError("not every worker's relay port was bound")
+                yield task.deferLater(self.reactor, READY_POLL_S, lambda: None)
         except RuntimeError as exc:
             state = "running" if self.running else "exited"
             raise RuntimeError(f"{exc}; the server has {state}, its log is {self.logfile};"

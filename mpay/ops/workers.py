@@ -24,17 +24,12 @@ from typing import Any
 from twisted.runner.procmon import ProcessMonitor
 
 from mpay.config import Config, ConfigError
+from mpay.sip.transport import parse_udp_description
 
 RELAY_PORT_OFFSET = 100
 """Without ``[ps] relay_listen``, worker k relays on the PS port + this + k - 1 (loopback)."""
 
 MAX_WORKERS = 64
-
-
-def _port_and_interface(description: str) -> tuple[int, str]:
-    from mpay.sip.transport import parse_udp_description
-
-    return parse_udp_description(description)
 
 
 def worker_settings(cfg: Config, workers: int) -> list[dict[str, str]]:
@@ -47,11 +42,11 @@ def worker_settings(cfg: Config, workers: int) -> list[dict[str, str]]:
     if cfg["server"]["role"] == "as":
         raise ConfigError("--workers multiplies the PS; this process runs no PS (role as)")
     ps = cfg["ps"]
-    port, interface = _port_and_interface(ps["listen"])
+    port, interface = parse_udp_description(ps["listen"])
     if port == 0:
         raise ConfigError("--workers needs a fixed [ps] listen port: the workers share it")
     if ps["relay_listen"]:
-        relay_base, relay_interface = _port_and_interface(ps["relay_listen"])
+        relay_base, relay_interface = parse_udp_description(ps["relay_listen"])
     else:
         relay_base, relay_interface = port + RELAY_PORT_OFFSET, "127.0.0.1"
     if relay_base == 0:

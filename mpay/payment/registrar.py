@@ -17,7 +17,6 @@ from mpay import e164
 from mpay.auth.wire import digest_of
 from mpay.auth.tickets import AUTHENTICATOR_HEADER, TICKET_HEADER
 from mpay.auth.verifier import REFUSALS, TicketRefused, TicketVerifier, Verified
-from mpay.sip.peers import Relayed
 from mpay.sip.stream import transport_of
 from mpay.sip.headers import parse_name_addr
 from mpay.sip.message import ParseError, Request
@@ -56,15 +55,6 @@ class Registrar:
         self.on_registered: list[Callable[[str, Binding], None]] = []
         self.endpoint: Any = None
         self.shared_replay: Any = None   # with several PS processes: stores/replay.py
-
-    def flow_holder(self, addr: Any) -> tuple[str, str]:
-        """(instance, server side) of the flow a REGISTER came on; ("", "") for one PS alone."""
-        endpoint = self.endpoint
-        if endpoint is None or endpoint.relay is None:
-            return "", ""
-        if isinstance(addr, Relayed):
-            return addr.via, addr.local
-        return endpoint.instance, endpoint.local_address(transport_of(addr))
 
     def authenticate(self, txn: ServerTransaction, request: Request,
                      then: Callable[[Verified], Any], idempotent: bool = False) -> None:
@@ -144,7 +134,7 @@ class Registrar:
             txn.respond_with(400, "Bad Contact")
             return
         host, port = txn.addr
-        via, local = self.flow_holder(txn.addr)
+        via, local = self.endpoint.holder_of(txn.addr) if self.endpoint else ("", "")
         binding = Binding(number, contact_uri, host, port, transport_of(txn.addr),
                           self.clock() + expires, via, local)
         done = defer.maybeDeferred(self.locations.bind, binding, expires)

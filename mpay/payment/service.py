@@ -31,8 +31,8 @@ from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
 from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
-from mpay.sip.peers import PeerRelay, RelayListenerService
-from mpay.sip.transport import sip_listener, stream_listeners
+from mpay.sip.peers import PeerRelay
+from mpay.sip.transport import RelayListenerService, sip_listener, stream_listeners
 from mpay.stores.location import (
     BoundedRedis, MemoryLocationStore, RedisLocationStore, connect_redis,
 )

@@ -102,6 +102,7 @@ class SIPEndpoint:
         # instance's name then ends every branch and tag it makes.
         self.relay: Any = None
         self.instance = ""
+        self._suffix = ""       # "~<instance>" once it has peers
         self.requests: Counter = Counter()     # method -> received (retransmissions included)
         self.responses: Counter = Counter()    # (method, status) -> sent by a transaction
         self.parse_errors: Counter = Counter()  # "answered" | "dropped"
@@ -121,8 +122,6 @@ class SIPEndpoint:
     def new_tag(self) -> str:
         return useragent.new_tag() + self._suffix
 
-    _suffix = ""
-
     def join_peers(self, relay: Any) -> None:
         """Share the devices with other instances: mark our identifiers, relay theirs."""
         self.relay, self.instance = relay, relay.instance
@@ -135,6 +134,15 @@ class SIPEndpoint:
         else:
             host, port = (self.sent_by or ("", 0))[0], self.stream_ports.get(transport, 0)
         return f"{host}:{port}"
+
+    def holder_of(self, addr: Any) -> tuple[str, str]:
+        """(instance, server side) of the flow a message came on, as bindings record it;
+        ("", "") for a server alone."""
+        if self.relay is None:
+            return "", ""
+        if isinstance(addr, Relayed):
+            return addr.via, addr.local
+        return self.instance, self.local_address(getattr(addr, "transport", "UDP"))
 
     def resolve(self, addr: Any) -> Any:
         """A flow another instance holds, as this one must reach it: directly when it

@@ -39,8 +39,6 @@ import re
 from collections import Counter
 from typing import Any, Callable
 
-from twisted.application import service
-from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from mpay.sip.message import Response
@@ -209,46 +207,3 @@ class PeerRelay:
         else:
             self.counts["out_received"] += 1
             self.endpoint.write_local(message, host, port, transport)
-
-
-class PeerRelayProtocol(DatagramProtocol):
-    def __init__(self, relay: PeerRelay):
-        self.relay = relay
-
-    def startProtocol(self) -> None:
-        self.relay.write = self.transport.write
-
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            self.relay.frame_received(data, addr)
-        except Exception:
-            self.relay.log.failure("ps: relay frame from {addr} failed", addr=addr)
-
-
-class RelayListenerService(service.Service):
-    """The relay's own UDP socket (``[ps] relay_listen``): frames to and from the peers."""
-
-    log = Logger()
-
-    def __init__(self, description: str, relay: PeerRelay, reactor: Any):
-        from mpay.sip.transport import parse_udp_description   # transport.py builds on endpoint
-
-        self.port_number, self.interface = parse_udp_description(description)
-        self.relay = relay
-        self._reactor = reactor
-        self.listening: Any = None
-
-    def startService(self) -> None:
-        self.listening = self._reactor.listenUDP(self.port_number, PeerRelayProtocol(self.relay),
-                                                 interface=self.interface,
-                                                 maxPacketSize=MAX_RELAY_FRAME_BYTES)
-        self.log.info("ps {instance}: relay on udp {host}:{port}, peers {peers}",
-                      instance=self.relay.instance, host=self.interface or "0.0.0.0",
-                      port=self.listening.getHost().port, peers=sorted(self.relay.peers))
-        super().startService()
-
-    def stopService(self):
-        super().stopService()
-        if self.listening is not None:
-            listening, self.listening = self.listening, None
-            return listening.stopListening()

@@ -8,12 +8,14 @@ here; TCP and TLS will take ``tcp:``/``ssl:`` endpoint descriptions beside it.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from twisted.application import service
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from mpay.sip.endpoint import SIPEndpoint
+from mpay.sip.peers import MAX_RELAY_FRAME_BYTES, PeerRelay
 from mpay.sip.timing import TimerSettings
 
 # A burst of 200 messages was lost with Linux's default buffer on a 2-core machine.
@@ -86,7 +88,19 @@ def listen_udp_shared(reactor, port: int, interface: str, protocol: DatagramProt
         sock.close()
 
 
-class UDPListenerService(service.Service):
+class _UDPService(service.Service):
+    """A service owning one listening UDP port (``self.listening``), closed when it stops."""
+
+    listening = None
+
+    def stopService(self):
+        super().stopService()
+        if self.listening is not None:
+            listening, self.listening = self.listening, None
+            return listening.stopListening()
+
+
+class UDPListenerService(_UDPService):
     """Listens for one SIP endpoint; ``port`` is known once started (port 0 works)."""
 
     log = Logger()
@@ -126,11 +140,41 @@ class UDPListenerService(service.Service):
                       port=self.port, granted=granted)
         super().startService()
 
-    def stopService(self):
-        super().stopService()
-        if self.listening is not None:
-            listening, self.listening = self.listening, None
-            return listening.stopListening()
+
+class PeerRelayProtocol(DatagramProtocol):
+    """The peer relay's socket (``mpay/sip/peers.py``): frames in, frames out."""
+
+    def __init__(self, relay: PeerRelay):
+        self.relay = relay
+
+    def startProtocol(self) -> None:
+        self.relay.write = self.transport.write
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.relay.frame_received(data, addr)
+        except Exception:
+            self.relay.log.failure("ps: relay frame from {addr} failed", addr=addr)
+
+
+class RelayListenerService(_UDPService):
+    """The relay's own UDP socket (``[ps] relay_listen``): frames to and from the peers."""
+
+    log = Logger()
+
+    def __init__(self, description: str, relay: PeerRelay, reactor: Any):
+        self.port_number, self.interface = parse_udp_description(description)
+        self.relay = relay
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        self.listening = self._reactor.listenUDP(self.port_number, PeerRelayProtocol(self.relay),
+                                                 interface=self.interface,
+                                                 maxPacketSize=MAX_RELAY_FRAME_BYTES)
+        self.log.info("ps {instance}: relay on udp {host}:{port}, peers {peers}",
+                      instance=self.relay.instance, host=self.interface or "0.0.0.0",
+                      port=self.listening.getHost().port, peers=sorted(self.relay.peers))
+        super().startService()
 
 
 def sip_listener(role: str, description: str, core, timers, settings: TimerSettings,
