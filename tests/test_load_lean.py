@@ -34,13 +34,15 @@ NOTICE_TYPE = NOTICE_CONTENT_TYPE.encode()
 
 
 def notice(call_id: str = "c1@127.0.0.1", cseq: int = 7, to_tag: str | None = None,
-           **fields) -> bytes:
+           body: bytes | None = None, **fields) -> bytes:
     """A notice as the PS sends it, with a second Via as a proxy would add."""
+    if body is None:
+        body = json.dumps({"journal_id": 5, "from": "+886910000001", "amount": 1,
+                           "currency": "TWD", "created": 1, "receipt": "r", **fields}).encode()
     request = build_request(
         "MESSAGE", f"sip:+886920000001@{PAYEE[0]}:{PAYEE[1]}", sent_by=PS,
         from_uri="sip:ps@mpay.test", to_uri="sip:+886920000001@mpay.test", call_id=call_id,
-        cseq=cseq, to_tag=to_tag, body=json.dumps({"journal_id": 5, **fields}).encode(),
-        content_type=NOTICE_CONTENT_TYPE)
+        cseq=cseq, to_tag=to_tag, body=body, content_type=NOTICE_CONTENT_TYPE)
     request.headers.add("Via", "SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKproxy")
     return request.to_bytes()
 
@@ -78,7 +80,8 @@ class OkForTests(unittest.TestCase):
                 b"l: 0\r\n\r\n")
         response, destination = ok_for(data, ("127.0.0.1", 999), KEY, NOTICE_TYPE)
         ours = parse(response)
-        self.assertEqual((ours.call_id, ours.cseq, ours.from_addr.tag), ("cid", (1, "MESSAGE"), "1"))
+        self.assertEqual((ours.call_id, ours.cseq, ours.from_addr.tag),
+                         ("cid", (1, "MESSAGE"), "1"))
         self.assertIsNotNone(ours.to_addr.tag)
         self.assertNotEqual(ours.to_addr.tag, "inside-the-uri")
         self.assertEqual(destination, ("127.0.0.1", 5070))     # no rport: the Via's port
@@ -203,6 +206,12 @@ class NoticeAnswererTests(unittest.TestCase):
         self.assertEqual(len(self.core.seen), 1)              # another MESSAGE: the stack's
         self.assertEqual(parse(self.wire.transport.written[-1][0]).status, 415)
         self.assertEqual((self.answerer.answered, self.answerer.passed), (2, 1))
+
+    def test_a_notice_the_sim_dmd_would_refuse_goes_to_the_stack(self):
+        for number, bad in enumerate((b"not json", b"[1]", json.dumps({"journal_id": 1}).encode())):
+            self.wire.datagramReceived(notice(call_id=f"bad-{number}", body=bad), PS)
+        self.assertEqual(len(self.core.seen), 3)
+        self.assertEqual((self.answerer.answered, self.answerer.passed), (0, 3))
 
     def test_uninstalled_the_stack_has_everything_again(self):
         self.answerer.uninstall()
