@@ -6,6 +6,7 @@
     mpay-load --arrival poisson --seed 7       # exponential gaps instead of uniform ones
     mpay-load --rates 30000,60000 --seconds 15 # each rate sustained 15 s (more than --count)
     mpay-load --backends redis,postgres        # on the production backends
+    mpay-load --generator lean                 # the cheap generator (bytes, not the SIP stack)
 
 By default it starts the real server (``twistd --nodaemon mpay``, embedded
 defaults, every file in a temporary directory) and stops it at the end.
@@ -56,6 +57,7 @@ from mpay.load.run import (
     LoadRunner, LoadSettings, RateReport, Target,
 )
 from mpay.load.server import ServerProcess, free_udp_ports
+from mpay.load.worker import GENERATORS, STACK
 from mpay.sim.device import DeviceError
 from mpay.sip.endpoint import SIPTimeout
 
@@ -121,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--payees", type=int, default=DEFAULT_PAYEES)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="payer processes (each payer lives in one)")
+    parser.add_argument("--generator", choices=GENERATORS, default=STACK,
+                        help="stack: every message through the SIP stack; lean: requests"
+                             " serialised ahead, responses and notices handled on bytes")
     parser.add_argument("--timeout", type=float, default=RESPONSE_TIMEOUT_S,
                         help="seconds: a later answer is a failure")
     parser.add_argument("--csv", help="write the table here")
@@ -246,11 +251,13 @@ def sweep(reactor, args: argparse.Namespace):
         server, target = yield _start_server(reactor, args, directory)
         settings = LoadSettings(count=args.count, arrival=args.arrival, seed=args.seed,
                                 payers=args.payers, payees=args.payees, workers=args.workers,
-                                timeout_s=args.timeout, min_seconds=args.seconds)
+                                timeout_s=args.timeout, min_seconds=args.seconds,
+                                generator=args.generator)
         runner = LoadRunner(reactor, target, settings, progress=bar.update)
         stores = args.production.describe() if server is not None else target.ledger.describe()
         print(f"enrolling {args.payers} payers and {args.payees} payees"
-              f" (server pid {target.pid or 'not known'}; {stores})", flush=True)
+              f" (server pid {target.pid or 'not known'}; {stores};"
+              f" {args.generator} generator)", flush=True)
         yield runner.prepare()
         search = CapacitySearch(args.start_rate, max_per_min=args.max_rate,
                                 resolution=args.resolution, max_runs=args.max_runs) \
@@ -299,8 +306,8 @@ def run(reactor, args: argparse.Namespace):
             write_csv(stream, reports)
     if args.plot:
         length = f"{args.count} transfers" + (f" or {args.seconds:g} s" if args.seconds else "")
-        plot(args.plot, reports, f"mpay-load: {length} per rate, {args.arrival} arrivals,"
-                                 f" timeout {args.timeout:g} s")
+        plot(args.plot, reports, f"mpay-load ({args.generator} generator): {length} per"
+                                 f" rate, {args.arrival} arrivals, timeout {args.timeout:g} s")
     books_ok = all(report.books_ok for report in reports)
     print(f"books: {'every audit passed, every 200 is in the journal' if books_ok else 'WRONG'}")
     print("90 % (the thesis's threshold): " + capacity_line(reports, THESIS_SUCCESS))

@@ -3,17 +3,22 @@
 The devices live in this process with their own time wheel (the server's
 wheel is in the server's process and may die with it) and one UDP listener
 each; the enrolment "call" goes through the server's simulated modem over
-its control socket, exactly as ``mpay-dmd enroll`` places it.
+its control socket, exactly as ``mpay-dmd enroll`` places it.  A lean payee
+(:meth:`SimDevices.answer_notices`) is one of them, enrolled and registered
+the same way, whose notices are then answered on bytes (``mpay.load.lean``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer
 
 from mpay import config as mpay_config
 from mpay.auth.keyfiles import load_public_key
+from mpay.load.lean import NoticeAnswerer
+from mpay.payment.transfer import NOTICE_CONTENT_TYPE
 from mpay.sim.device import Device, DeviceState
 from mpay.sim.modem import ring_via_control
 from mpay.sip.endpoint import SIPEndpoint
@@ -24,6 +29,9 @@ DEVICE_TICK_S = 0.1
 """Resolution of the devices' own time wheel (retransmission timers)."""
 
 LOOPBACK = "127.0.0.1"
+
+TAG_KEY_BYTES = 16
+"""The key a lean payee derives its To tags from (blake2s takes up to 32)."""
 
 
 class SimDevices:
@@ -46,6 +54,7 @@ class SimDevices:
         self.timers = TimeWheelService(TimeWheel(tick_s=DEVICE_TICK_S), reactor=reactor)
         self.timers.startService()
         self._listeners: list[UDPListenerService] = []
+        self._answerers: list[NoticeAnswerer] = []
 
     @classmethod
     def for_server(cls, reactor, server: Any, check_receipts: bool = True) -> "SimDevices":
@@ -85,9 +94,20 @@ class SimDevices:
         yield device.register()
         return device
 
+    def answer_notices(self, device: Device) -> NoticeAnswerer:
+        """From now on *device*'s notices get their 200 from bytes, not through its stack."""
+        answerer = NoticeAnswerer(device.endpoint, NOTICE_CONTENT_TYPE,
+                                  os.urandom(TAG_KEY_BYTES))
+        answerer.install()
+        self._answerers.append(answerer)
+        return answerer
+
     @defer.inlineCallbacks
     def stop(self):
         """Every listener closed and the wheel stopped; idempotent."""
+        answerers, self._answerers = self._answerers, []
+        for answerer in answerers:
+            answerer.uninstall()
         listeners, self._listeners = self._listeners, []
         for listener in listeners:
             yield listener.stopService()

@@ -16,7 +16,8 @@ from mpay.load.run import RateReport
 CSV_FIELDS = ("rate_per_min", "count", "succeeded", "success", "mean_ms", "p50_ms", "p99_ms",
               "send_lag_p99_ms", "server_cpu_pct", "backend_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
               "busiest_sender_cpu_pct", "precompute_us", "duration_s",
-              "statuses", "late", "resent", "audit_ok", "journal_checked", "journal_missing")
+              "statuses", "late", "resent", "audit_ok", "journal_checked", "journal_missing",
+              "generator")
 
 THESIS_CAPACITY_PER_MIN = 1_600
 """The thesis's payment server: success fell under 90 % above this rate."""
@@ -46,7 +47,8 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "late": str(stats.late), "resent": str(report.resent),
             "audit_ok": str(report.audit_ok).lower(),
             "journal_checked": str(report.journal_checked),
-            "journal_missing": str(report.journal_missing)}
+            "journal_missing": str(report.journal_missing),
+            "generator": stats.generator}
 
 
 def write_csv(stream: IO[str], reports: Iterable[RateReport]) -> None:
@@ -66,7 +68,8 @@ def summary_line(report: RateReport) -> str:
                 if row["backend_cpu_pct"] else "")
     return (f"{row['rate_per_min']:>8s}/min  success {row['success']}  mean {row['mean_ms']} ms"
             f"  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  server CPU"
-            f" {row['server_cpu_pct']} %{backends}  generator CPU {row['generator_cpu_pct']} %"
+            f" {row['server_cpu_pct']} %{backends}  generator ({row['generator'] or '?'}) CPU"
+            f" {row['generator_cpu_pct']} %"
             f" (busiest sender {row['busiest_sender_cpu_pct']} %)"
             f"  [{row['statuses']}, late {row['late']}]  books {books}")
 

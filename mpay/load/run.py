@@ -2,7 +2,8 @@
 
 This process enrols every device (through the server's simulated modem),
 tops the payers up with ``mpay-admin``, and keeps the payees: real Sim-DMDs
-registered at the PS, confirming each notice with 200.  For each rate it
+registered at the PS, confirming each notice with 200 (through their SIP
+stack, or with ``--generator lean`` on bytes: ``mpay.load.lean``).  For each rate it
 deals the schedule to WORKERS payer processes (``mpay.load.worker``), lets
 them build their signed requests, starts them together, and collects every
 request's outcome.  Then the books are checked, on whichever ledger the
@@ -33,7 +34,7 @@ from mpay.load.books import LedgerRef
 from mpay.load.devices import SimDevices
 from mpay.load.server import REPO, process_cpu_s, run_admin
 from mpay.load.stats import Outcome, RunStats
-from mpay.load.worker import cpu_s
+from mpay.load.worker import LEAN, STACK, cpu_s
 
 DEFAULT_COUNT_PER_RATE = 1_000
 DEFAULT_PAYERS = 8
@@ -91,6 +92,7 @@ class LoadSettings:
     workers: int = DEFAULT_WORKERS
     timeout_s: float = RESPONSE_TIMEOUT_S
     min_seconds: float = 0.0         # each rate runs at least this long (more than ``count``)
+    generator: str = STACK           # the load generator: the SIP stack, or lean (bytes)
 
     def count_for(self, rate_per_min: float) -> int:
         """Requests for *rate_per_min*: ``count``, or more to keep it up ``min_seconds``."""
@@ -194,6 +196,9 @@ class LoadRunner:
                 raise RuntimeError(f"mpay-admin topup failed: {output}")
         if self.target.backends is not None:
             self._redis_pid = yield self.target.backends.redis_pid()
+        if self.settings.generator == LEAN:
+            for payee in self.payees:
+                self.devices.answer_notices(payee)
 
     def stop(self) -> defer.Deferred:
         return self.devices.stop()
@@ -204,7 +209,7 @@ class LoadRunner:
                 "payers": [asdict(payer.state) for payer in payers],
                 "payees": [payee.state.number for payee in self.payees],
                 "amount_minor": TRANSFER_AMOUNT_MINOR, "timeout_s": self.settings.timeout_s,
-                "schedule": share}
+                "schedule": share, "generator": self.settings.generator}
 
     @defer.inlineCallbacks
     def run_rate(self, rate_per_min: float):
@@ -253,7 +258,7 @@ class LoadRunner:
         stats = RunStats.from_outcomes(
             rate_per_min, outcomes, settings.timeout_s, duration_s=duration_s,
             server_cpu_pct=100 * server_cpu_s / duration_s,
-            generator_cpu_pct=100 * generator_cpu_s / duration_s)
+            generator_cpu_pct=100 * generator_cpu_s / duration_s, generator=settings.generator)
         journal_ids = [outcome.journal_id for outcome in outcomes if outcome.journal_id is not None]
         missing = yield threads.deferToThread(self.target.ledger.missing_from_journal,
                                               journal_ids)

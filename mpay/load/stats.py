@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 SUCCESS_STATUS = 200
 
@@ -51,6 +51,7 @@ class RunStats:
     server_cpu_pct: float = math.nan       # of one core; 200 is both cores of this machine
     generator_cpu_pct: float = math.nan
     duration_s: float = math.nan
+    generator: str = ""                    # the load generator that measured it (stack, lean)
 
     @property
     def success(self) -> float:
@@ -58,8 +59,9 @@ class RunStats:
 
     @classmethod
     def from_outcomes(cls, rate_per_min: float, outcomes: Iterable[Outcome], timeout_s: float,
-                      **measured: float) -> "RunStats":
-        """Statistics of *outcomes*; *measured* are the CPU figures and the run's duration."""
+                      **measured: Any) -> "RunStats":
+        """Statistics of *outcomes*; *measured* are the CPU figures, the run's duration
+        and the generator's name."""
         outcomes = list(outcomes)
         latencies, succeeded, statuses, late = [], [], Counter(), 0
         for outcome in outcomes:

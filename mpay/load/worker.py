@@ -5,12 +5,16 @@ It is given (one JSON line on stdin) the PS's address, some enrolled payers
 run's schedule.  It binds its socket, builds the first PRECOMPUTE_AHEAD_S of
 signed, authenticated transfer requests -- the expensive part, done before
 the clock starts -- and says ``ready``; on ``start_at`` (a wall-clock time
-shared by all senders) it sends each request at its offset through a real
-SIP client transaction (retransmitted over UDP as RFC 3261 says), building
-the later ones in its idle time so that no authenticator is older than
+shared by all senders) it sends each request at its offset, building the
+later ones in its idle time so that no authenticator is older than
 PRECOMPUTE_AHEAD_S when it leaves (the PS allows 300 s of skew).  It reports
 progress, then every request's outcome and its own CPU, one JSON line each
 on stdout.
+
+The plan's ``generator`` says how requests go: ``stack`` through a real SIP
+client transaction (:class:`PayerSimulator`), ``lean`` as bytes serialised
+ahead from a plain UDP socket, matched and retransmitted by
+``mpay.load.lean`` (:class:`LeanPayerSimulator`), the same requests either way.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, stdio, task
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 from mpay.load.devices import LOOPBACK
+from mpay.load.lean import RETRANSMIT_TICK_S, LeanClient, Prepared, prepare
 from mpay.load.stats import Outcome
 from mpay.sim.device import Device, DeviceState
 from mpay.sip.endpoint import SIPEndpoint
@@ -47,7 +54,13 @@ MAX_CONTROL_LINE_BYTES = 64 * 1024 * 1024
 """Bound on one control line (the plan carries the whole schedule share)."""
 
 SENDER_TICK_S = 0.1
-"""The sender's time wheel (retransmission timers)."""
+"""The stack sender's time wheel (retransmission timers)."""
+
+STACK, LEAN = "stack", "lean"
+GENERATORS = (STACK, LEAN)
+"""The load generators: every message through the SIP stack, or bytes (``mpay.load.lean``)."""
+
+log = Logger()
 
 
 def cpu_s() -> float:
@@ -65,8 +78,24 @@ class _NoRequests:
         """Nothing is INVITEd here."""
 
 
-class PayerSimulator:
-    """Sends one share of a run; *emit* gets each report (a dict) for the parent."""
+class _SentBy:
+    """What a Device asks of an endpoint to build a request: the address it sends from."""
+
+    sent_by: tuple[str, int] | None = None
+
+
+class _Simulator:
+    """Sends one share of a run; *emit* gets each report (a dict) for the parent.
+
+    The schedule, the building ahead, the outcomes and the reports; a
+    generator's subclass makes what the devices build with (``_endpoint()``),
+    binds (``_listen()``), keeps a built request its way (``_prepared(request)``),
+    sends it (``_send(built, index, lag)``), records each :class:`Outcome`
+    with ``_record``, counts its retransmissions (``_resent()``) and closes
+    (``close()``, a Deferred).
+    """
+
+    generator = ""
 
     def __init__(self, reactor, plan: dict, emit: Callable[[dict], None]):
         self.reactor = reactor
@@ -76,14 +105,11 @@ class PayerSimulator:
         self.amount: int = plan["amount_minor"]
         self.timeout_s: float = plan["timeout_s"]
         self.schedule: list[tuple[int, float]] = [tuple(entry) for entry in plan["schedule"]]
-        self.timers = TimeWheelService(TimeWheel(tick_s=SENDER_TICK_S), reactor=reactor)
-        self.endpoint = SIPEndpoint("payer", _NoRequests(), self.timers)
-        self.listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", self.endpoint,
-                                           reactor=reactor)
+        self.endpoint: Any = self._endpoint()
         self.payers = [self._payer(DeviceState(**state), plan["domain"])
                        for state in plan["payers"]]
         self.built = 0                            # requests of the share built so far
-        self.waiting: deque[Request] = deque()    # built, not yet sent, in schedule order
+        self.waiting: deque[Any] = deque()        # built, not yet sent, in schedule order
         self.sent = 0
         self.outcomes: dict[int, Outcome] = {}
         self.start_at = 0.0
@@ -103,8 +129,7 @@ class PayerSimulator:
 
     def prepare(self) -> dict:
         """Bind, build what the first PRECOMPUTE_AHEAD_S need; the ``ready`` report."""
-        self.timers.startService()
-        self.listener.startService()
+        self._listen()
         started = cpu_s()
         self._build_until(PRECOMPUTE_AHEAD_S, limit=len(self.schedule))
         self._precompute_cpu_s = cpu_s() - started
@@ -117,7 +142,8 @@ class PayerSimulator:
             index = schedule[self.built][0]
             device, key = self.payers[self.built % len(self.payers)]
             payee = self.payees[index % len(self.payees)]
-            self.waiting.append(device.transfer_request(payee, self.amount, signing_key=key))
+            self.waiting.append(self._prepared(
+                device.transfer_request(payee, self.amount, signing_key=key)))
             self.built += 1
             limit -= 1
 
@@ -139,7 +165,9 @@ class PayerSimulator:
         while self.sent < len(schedule) and self.start_at + schedule[self.sent][1] <= now:
             if not self.waiting:                  # running late: build on demand
                 self._build_until(math.inf, limit=1)
-            self._send(self.waiting.popleft(), now)
+            index, offset = schedule[self.sent]
+            self.sent += 1
+            self._send(self.waiting.popleft(), index, now - (self.start_at + offset))
         horizon = now - self.start_at + PRECOMPUTE_AHEAD_S
         self._build_until(horizon, limit=PRECOMPUTE_BATCH)
         if self.sent == len(schedule):
@@ -151,28 +179,8 @@ class PayerSimulator:
         delay = 0.0 if more else self.start_at + schedule[self.sent][1] - self.reactor.seconds()
         self._wake = self.reactor.callLater(max(0.0, delay), self._run)
 
-    def _send(self, request: Request, now: float) -> None:
-        index, offset = self.schedule[self.sent]
-        self.sent += 1
-        lag = now - (self.start_at + offset)
-        sent_at = self.reactor.seconds()
-        answer = self.endpoint.send_request(request, self.ps_addr)
-        answer.addCallbacks(self._answered, self._unanswered,
-                            callbackArgs=(index, sent_at, lag), errbackArgs=(index, lag))
-
-    def _answered(self, response: Any, index: int, sent_at: float, lag: float) -> None:
-        journal_id = None
-        if response.status == 200:
-            try:
-                journal_id = json.loads(response.body)["journal_id"]
-            except (ValueError, KeyError, TypeError):
-                journal_id = None
-        self.outcomes[index] = Outcome(index, response.status, self.reactor.seconds() - sent_at,
-                                       lag, journal_id)
-        self._maybe_finish()
-
-    def _unanswered(self, failure: Any, index: int, lag: float) -> None:
-        self.outcomes[index] = Outcome(index, None, None, lag)
+    def _record(self, outcome: Outcome) -> None:
+        self.outcomes[outcome.index] = outcome
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -190,12 +198,127 @@ class PayerSimulator:
                 handle.cancel()
         if self._progress is not None and self._progress.running:
             self._progress.stop()
+        self._stop_sending()
         run_cpu_s = cpu_s() - self._cpu_at_start
         outcomes = [self.outcomes.get(index) or Outcome(index, None, None, 0.0)
                     for index, _ in self.schedule]
         self.finished.callback({"result": [list(outcome) for outcome in outcomes],
                                 "cpu_s": run_cpu_s, "precompute_cpu_s": self._precompute_cpu_s,
-                                "resent": self.endpoint.layer.stats["requests_resent"]})
+                                "resent": self._resent(), "generator": self.generator})
+
+    def _stop_sending(self) -> None:
+        """The run is over: no more retransmissions (the stack's layer keeps its own)."""
+
+
+class PayerSimulator(_Simulator):
+    """The stack generator: each request through a real SIP client transaction."""
+
+    generator = STACK
+
+    def _endpoint(self) -> SIPEndpoint:
+        self.timers = TimeWheelService(TimeWheel(tick_s=SENDER_TICK_S), reactor=self.reactor)
+        endpoint = SIPEndpoint("payer", _NoRequests(), self.timers)
+        self.listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", endpoint,
+                                           reactor=self.reactor)
+        return endpoint
+
+    def _listen(self) -> None:
+        self.timers.startService()
+        self.listener.startService()
+
+    def _prepared(self, request: Request) -> Request:
+        return request
+
+    def _send(self, request: Request, index: int, lag: float) -> None:
+        sent_at = self.reactor.seconds()
+        answer = self.endpoint.send_request(request, self.ps_addr)
+        answer.addCallbacks(self._answered, self._unanswered,
+                            callbackArgs=(index, sent_at, lag), errbackArgs=(index, lag))
+
+    def _answered(self, response: Any, index: int, sent_at: float, lag: float) -> None:
+        journal_id = None
+        if response.status == 200:
+            try:
+                journal_id = json.loads(response.body)["journal_id"]
+            except (ValueError, KeyError, TypeError):
+                journal_id = None
+        self._record(Outcome(index, response.status, self.reactor.seconds() - sent_at, lag,
+                             journal_id))
+
+    def _unanswered(self, failure: Any, index: int, lag: float) -> None:
+        self._record(Outcome(index, None, None, lag))
+
+    def _resent(self) -> int:
+        return self.endpoint.layer.stats["requests_resent"]
+
+    @defer.inlineCallbacks
+    def close(self):
+        yield self.listener.stopService()
+        if self.timers.running:
+            yield self.timers.stopService()
+
+
+class _LeanProtocol(DatagramProtocol):
+    """A thin adapter: the connected socket's datagrams to the client."""
+
+    def __init__(self, simulator: "LeanPayerSimulator"):
+        self.simulator = simulator
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.simulator.client.response_received(data)
+
+    def connectionRefused(self) -> None:
+        self.simulator.refused += 1       # ICMP port unreachable: the server is not there
+
+
+class LeanPayerSimulator(_Simulator):
+    """The lean generator: the same requests serialised ahead, sent by ``lean.LeanClient``."""
+
+    generator = LEAN
+
+    def _endpoint(self) -> _SentBy:
+        self.client = LeanClient(self._write, self.reactor.seconds, self._record)
+        self.port: Any = None
+        self.refused = 0
+        self._retransmitter = task.LoopingCall(self.client.tick)
+        self._retransmitter.clock = self.reactor
+        return _SentBy()
+
+    def _listen(self) -> None:
+        self.port = self.reactor.listenUDP(0, _LeanProtocol(self), interface=LOOPBACK)
+        self.port.connect(*self.ps_addr)
+        host = self.port.getHost()
+        self.endpoint.sent_by = (host.host, host.port)
+        self._retransmitter.start(RETRANSMIT_TICK_S, now=False)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.port.write(data)
+        except OSError as exc:            # a full buffer is lost like a dropped datagram
+            log.warn("lean sender: send failed: {error}", error=exc)
+
+    def _prepared(self, request: Request) -> Prepared:
+        return prepare(request)
+
+    def _send(self, prepared: Prepared, index: int, lag: float) -> None:
+        self.client.send(index, prepared, lag)
+
+    def _resent(self) -> int:
+        return self.client.resent
+
+    def _stop_sending(self) -> None:
+        if self._retransmitter.running:
+            self._retransmitter.stop()
+
+    def close(self) -> defer.Deferred:
+        self._stop_sending()
+        if self.port is None:
+            return defer.succeed(None)
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening)
+
+
+SIMULATORS = {STACK: PayerSimulator, LEAN: LeanPayerSimulator}
 
 
 class _Control(LineReceiver):
@@ -211,7 +334,7 @@ class _Control(LineReceiver):
 
     def __init__(self, reactor):
         self.reactor = reactor
-        self.simulator: PayerSimulator | None = None
+        self.simulator: _Simulator | None = None
         self.done: defer.Deferred = defer.Deferred()
 
     def emit(self, report: dict) -> None:
@@ -220,7 +343,8 @@ class _Control(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         message = json.loads(line)
         if self.simulator is None:
-            self.simulator = PayerSimulator(self.reactor, message, self.emit)
+            simulator = SIMULATORS[message.get("generator", STACK)]
+            self.simulator = simulator(self.reactor, message, self.emit)
             self.emit(self.simulator.prepare())
             return
         self.simulator.go(message["start_at"]).addCallback(self._result)
