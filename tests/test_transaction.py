@@ -44,6 +44,8 @@ class ServerTransactionTests(unittest.TestCase):
         self.assertEqual(len(self.wire.sent), 3)
         self.assertEqual({data for data, _ in self.wire.sent}, {self.wire.sent[0][0]}, "same bytes")
         self.assertEqual(self.layer.stats["retransmissions_absorbed"], 2)
+        self.assertEqual((txn.request, txn.last_response, txn.on_cancel), (None, None, None),
+                         "Completed keeps only the response's bytes for Timer J")
 
     def test_retransmission_while_trying_sends_nothing(self):
         self.layer.receive_request(make_request("MESSAGE"), PEER)
@@ -227,9 +229,12 @@ class ClientTransactionTests(unittest.TestCase):
 
     def test_final_response_stops_retransmission_and_is_delivered_once(self):
         txn = self.send()
-        response = self.reply(txn.request, 202)
+        request = txn.request
+        response = self.reply(request, 202)
         self.layer.receive_response(response, PEER)
-        self.layer.receive_response(self.reply(txn.request, 202), PEER)
+        self.assertIsNone(txn.request, "a completed transaction lets go of its request")
+        self.layer.receive_response(self.reply(request, 202), PEER)
+        self.assertEqual(self.layer.stats["retransmissions_absorbed"], 1)
         self.time.advance(40)
         self.assertEqual(len(self.wire.sent), 1)
         self.assertEqual([r.status for r in self.responses], [202])
@@ -248,8 +253,9 @@ class ClientTransactionTests(unittest.TestCase):
 
     def test_invite_error_is_acked_within_the_transaction(self):
         txn = self.send("INVITE")
-        self.layer.receive_response(self.reply(txn.request, 486), PEER)
-        self.layer.receive_response(self.reply(txn.request, 486), PEER)
+        request = txn.request
+        self.layer.receive_response(self.reply(request, 486), PEER)
+        self.layer.receive_response(self.reply(request, 486), PEER)
         sent = self.wire.messages()
         self.assertEqual([m.method for m in sent], ["INVITE", "ACK", "ACK"])
         ack = sent[1]

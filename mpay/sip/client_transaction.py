@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from mpay.sip.transaction import TransactionLayer
 
 
+def _released(*_: Any) -> None:
+    """The callbacks of a transaction that has had its answer: nothing more is due."""
+
+
 class ClientTransaction:
     """One request sent by us, retransmitted over UDP until answered."""
 
@@ -107,7 +111,13 @@ class ClientTransaction:
                 linger = 0 if self.reliable else settings.t4_s  # Timer K
             if linger:
                 self._timer = self.layer.timers.start(linger, self._terminate)
-        self.on_response(response)
+        on_response = self.on_response
+        if self.state is State.COMPLETED:
+            # Timer K/D keep it only to absorb copies of the answer: let go of the request
+            # and the caller's callbacks (and the Deferreds they hold) now, not seconds later.
+            self.request = self._bytes = None
+            self.on_response = self.on_timeout = _released
+        on_response(response)
         if self.state is State.COMPLETED and self._timer is None:
             self._terminate()
 

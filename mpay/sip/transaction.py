@@ -95,8 +95,11 @@ class ServerTransaction:
         return self.state not in (State.TRYING, State.PROCEEDING)
 
     def respond_with(self, status: int, reason: str | None = None,
-                     headers: list[tuple[str, str]] | tuple = (), body: bytes = b"") -> Response:
+                     headers: list[tuple[str, str]] | tuple = (), body: bytes = b"") -> Response | None:
         """Build the response to this request (RFC 8.2.6) and send it."""
+        if self.request is None:       # final already, and released (a TU's second answer)
+            self.layer.stats["late_responses"] += 1
+            return None
         response = make_response(self.request, status, reason, to_tag=self.to_tag,
                                  headers=headers, body=body)
         self.respond(response)
@@ -119,6 +122,10 @@ class ServerTransaction:
         settings = self.layer.settings
         if not self.invite:
             self.state = State.COMPLETED
+            # Timer J keeps the transaction for 32 s only to answer copies from _last_bytes;
+            # what else it holds would be tens of thousands of objects alive under load,
+            # and every full collection walks them all.
+            self.request = self.last_response = self.on_cancel = None
             # Timer J.  RFC 3261 makes it 0 on a stream, where nothing is retransmitted;
             # we keep the 64 x T1 of UDP there too, so that a duplicate (a peer's bug, or
             # a re-send on a new connection) is absorbed, never run twice.
@@ -278,9 +285,10 @@ class TransactionLayer:
         self.server.pop(txn.key, None)
         if self._by_branch.get(txn.key[:-1]) is txn:
             del self._by_branch[txn.key[:-1]]
-        accepted_key = (txn.request.call_id, txn.request.cseq[0])
-        if self._accepted.get(accepted_key) is txn:
-            del self._accepted[accepted_key]
+        if txn.invite:
+            accepted_key = (txn.request.call_id, txn.request.cseq[0])
+            if self._accepted.get(accepted_key) is txn:
+                del self._accepted[accepted_key]
 
     # -- client side -------------------------------------------------------
     def request(self, request: Request, addr: Any,
