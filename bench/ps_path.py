@@ -9,15 +9,12 @@ with a 200 built here, each final response to the payer ends a transfer.
 So the figures are the PS alone: parsing, the ticket, authenticator and
 signature checks, the ledger (its writer thread), the notice, the receipt.
 
-It runs twice: the baseline with ``[ps] crypto_thread = false`` (Ed25519 on
-the reactor thread), then as configured by default (on the crypto thread).
-Issue 7's budget: 3,000 transfers/s on one core leaves 333 us of reactor
-time per transfer.
+The baseline is issue 7's budget: 3,000 transfers/s on one core leaves 333 us
+of reactor time per transfer.
 
     python bench/ps_path.py [--transfers N] [--profile]
 
-Last line: ``ps_path: reactor_us=... writer_us=... per_s=... budget_ratio=...
-inline_reactor_us=... thread_vs_inline=...``
+Last line: ``ps_path: reactor_us=... writer_us=... per_s=... budget_ratio=...``
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted.internet import defer, reactor, task  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
 
 from bench.transport import _Cleanups  # noqa: E402
 from tests.flow import MpayFixture  # noqa: E402
@@ -59,10 +56,13 @@ def ok_for(request: bytes) -> bytes:
 
 
 @defer.inlineCallbacks
-def measure(transfers: int, profile: bool, *settings: str):
-    """(reactor_us, other_us, per_s) of TRANSFERS through a fresh server with *settings*."""
+def main(reactor, argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transfers", type=int, default=TRANSFERS)
+    parser.add_argument("--profile", action="store_true", help="print the reactor's top costs")
+    args = parser.parse_args(argv)
     cleanups = _Cleanups()
-    mpay = MpayFixture(cleanups, "ps.transfer_timer_a_s=8", *settings)
+    mpay = MpayFixture(cleanups, "ps.transfer_timer_a_s=8")
     try:
         yield mpay.start()
         payer, _ = yield mpay.ready(PAYER)
@@ -73,7 +73,7 @@ def measure(transfers: int, profile: bool, *settings: str):
         payee_addr = tuple(payee.endpoint.sent_by)
         key = payer.state.private_key()
         requests = [payer.transfer_request(PAYEE, 1, signing_key=key).to_bytes()
-                    for _ in range(transfers)]
+                    for _ in range(args.transfers)]
         pending = iter(requests)
         done = defer.Deferred()
         answered = [0]
@@ -97,55 +97,39 @@ def measure(transfers: int, profile: bool, *settings: str):
                 return
             statuses[status] = statuses.get(status, 0) + 1
             answered[0] += 1
-            if answered[0] == transfers:
+            if answered[0] == args.transfers:
                 done.callback(None)
             else:
                 reactor.callLater(0, feed, 1)
 
         ps.write = wire
-        profiler = cProfile.Profile() if profile else None
+        profile = cProfile.Profile() if args.profile else None
         started, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
-        if profiler:
-            profiler.enable()
+        if profile:
+            profile.enable()
         feed(WINDOW)
         yield done
-        if profiler:
-            profiler.disable()
+        if profile:
+            profile.disable()
         elapsed = time.perf_counter() - started
         main_cpu = time.thread_time() - main_cpu
         cpu = time.process_time() - cpu
-        assert statuses == {200: transfers}, statuses
+        assert statuses == {200: args.transfers}, statuses
         report = yield mpay.top.ledger.audit()
         assert report.ok, report.format()
     finally:
         yield cleanups.run()
-    if profiler:
-        stats = pstats.Stats(profiler)
+    n = args.transfers
+    reactor_us, writer_us = main_cpu / n * 1e6, (cpu - main_cpu) / n * 1e6
+    if profile:
+        stats = pstats.Stats(profile)
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats("mpay", 40)
-    return main_cpu / transfers * 1e6, (cpu - main_cpu) / transfers * 1e6, transfers / elapsed
-
-
-@defer.inlineCallbacks
-def main(_reactor, argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transfers", type=int, default=TRANSFERS)
-    parser.add_argument("--profile", action="store_true", help="print the reactor's top costs")
-    args = parser.parse_args(argv)
-    n = args.transfers
-    figures = {}
-    for label, setting in (("inline", "ps.crypto_thread=false"), ("thread", "ps.crypto_thread=true")):
-        figures[label] = yield measure(n, args.profile, setting)
-        reactor_us, other_us, per_s = figures[label]
-        print(f"{label:>6} crypto: {n} transfers, {per_s:,.0f}/s; reactor thread {reactor_us:.0f} us"
-              f" and other threads (ledger, crypto) {other_us:.0f} us of CPU per transfer")
-    reactor_us, writer_us, per_s = figures["thread"]
-    inline_us = figures["inline"][0]
-    print(f"budget {BUDGET_US:.0f} us of reactor time a transfer (3,000/s on one core); the"
-          f" baseline is the same run with Ed25519 on the reactor thread")
-    print(f"ps_path: reactor_us={reactor_us:.0f} writer_us={writer_us:.0f} per_s={per_s:.0f}"
-          f" budget_ratio={reactor_us / BUDGET_US:.2f} inline_reactor_us={inline_us:.0f}"
-          f" thread_vs_inline={reactor_us / inline_us:.2f}")
+    print(f"{n} transfers in {elapsed:.2f} s: {n / elapsed:,.0f}/s; reactor thread"
+          f" {reactor_us:.0f} us and other threads (ledger) {writer_us:.0f} us of CPU per"
+          f" transfer; budget {BUDGET_US:.0f} us of reactor time")
+    print(f"ps_path: reactor_us={reactor_us:.0f} writer_us={writer_us:.0f} per_s={n / elapsed:.0f}"
+          f" budget_ratio={reactor_us / BUDGET_US:.2f}")
 
 
 if __name__ == "__main__":

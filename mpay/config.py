@@ -211,7 +211,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "relay_listen": Key("", _relay_listen),
         "peers": Key("", _peers),
         "adopt_sessions": Key("", _instances),
-        "crypto_thread": Key("true", _bool),
     },
     "ledger": {
         "backend": Key("sqlite", _backend("sqlite", "postgres")),

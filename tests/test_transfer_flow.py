@@ -20,7 +20,6 @@ TOP_UP = 1_000
 class TransferTests(unittest.TestCase):
     settings: tuple = ("ps.transfer_timer_a_s=1", "as.timer_f_s=0.5")
     transport = "UDP"
-    inline_crypto = False
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -92,9 +91,6 @@ class TransferTests(unittest.TestCase):
         self.assertEqual(len(entry.payer_signature), 64, "the payer's signature is kept")
         audit = yield self.ledger.audit()
         self.assertTrue(audit.ok, audit)
-        crypto = self.mpay.ps_core.transfer.crypto
-        self.assertEqual(getattr(crypto, "calls", None), None if self.inline_crypto else 2,
-                         "the signature checked and the receipt signed beside the reactor")
 
     def test_credit_transfer_unknown_payee_gets_404(self):
         return self.refused(self.payer.transfer(STRANGER, 100), "404 Unknown Payee")
@@ -255,13 +251,6 @@ class TransferOverTCPTests(TransferTests):
 
 class TransferOverTLSTests(TransferTests):
     transport = "TLS"
-
-
-class TransferInlineCryptoTests(TransferTests):
-    """[ps] crypto_thread = false: the same outcomes with Ed25519 on the reactor thread."""
-
-    settings = TransferTests.settings + ("ps.crypto_thread=false",)
-    inline_crypto = True
 
 
 class ReconnectTests(unittest.TestCase):

@@ -3,7 +3,6 @@
     ps (MultiService)
     |-- redis              only with [location] backend = redis: the pool (locations, OTCNs,
     |                      guess blocking, the shared replay cache)
-    |-- ps-crypto          only with [ps] crypto_thread: Ed25519 beside the reactor thread
     |-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer (registrar, transfer, charges)
     |-- ps-relay           only with [ps] relay_listen: frames to and from the other PS instances
     `-- ps-sessions        timed sessions: checkpoints; at start, settles what a crash left open
@@ -19,7 +18,6 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mpay.auth.crypto_thread import CryptoThread
 from mpay.auth.devicekeys import CachedDeviceKeys, LedgerDeviceKeyStore
 from mpay.auth.keyfiles import ensure_signing_key
 from mpay.auth.service import k_ps_ring, ticket_verifier
@@ -110,17 +108,12 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
     if location["backend"] == "redis":   # any PS process may see a copy of any request
         registrar.shared_replay = RedisReplayCache(redis.bounded, location["redis_prefix"],
                                                    registrar.verifier.replay_cache.retention_s)
-    crypto: Any = None
-    if cfg["ps"]["crypto_thread"]:
-        crypto = CryptoThread(reactor)
-        crypto.setName("ps-crypto")
-        crypto.setServiceParent(parent)
     transfer = CreditTransfer(
         authenticate=registrar.authenticate, ledger=ledger, device_keys=CachedDeviceKeys(LedgerDeviceKeyStore(ledger), reactor.seconds),
         locations=locations, notices=NoticeQueue(ledger), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,
-        timer_a_s=cfg["ps"]["transfer_timer_a_s"], crypto=crypto)
+        timer_a_s=cfg["ps"]["transfer_timer_a_s"])
     ps_key = transfer.ps_key
     charges = ChargeService(
         authenticate=registrar.authenticate, ledger=ledger, locations=locations, otcns=otcns,

@@ -30,7 +30,6 @@ from twisted.logger import Logger
 
 from mpay import e164
 from mpay.auth.crypto import encode_b64
-from mpay.auth.crypto_thread import InlineCrypto
 from mpay.auth.wire import digest_of
 from mpay.ledger.api import MAX_AMOUNT_MINOR, Outcome, TransferResult
 from mpay.payment import receipt as receipts
@@ -142,10 +141,8 @@ class CreditTransfer:
 
     def __init__(self, *, authenticate: Callable, ledger: Any, device_keys: Any, locations: Any,
                  notices: NoticeQueue, ps_key: Any, currency: str, domain: str,
-                 default_region: str, timers: Any, timer_a_s: float = TRANSFER_TIMER_A_S,
-                 crypto: Any = None):
+                 default_region: str, timers: Any, timer_a_s: float = TRANSFER_TIMER_A_S):
         self.authenticate = authenticate
-        self.crypto = crypto or InlineCrypto()   # Ed25519 beside the reactor (crypto_thread)
         self.ledger = ledger
         self.device_keys = device_keys
         self.locations = locations
@@ -216,8 +213,7 @@ class CreditTransfer:
         # moved once, and the same receipt is due.  Whether the payee ever heard of it is
         # not known here, so it is told again (it drops a journal id it has seen): 200
         # still means "the payee confirmed", never only "committed".
-        # Signed once: the payer and the payee share it.
-        signed = yield self.crypto.run(receipts.sign_receipt, self.ps_key, receipt)
+        signed = receipts.sign_receipt(self.ps_key, receipt)   # once: payer and payee share it
         status, reason = yield self._notify_payee(flow, receipt, asked.conceal, signed)
         self._answer(txn, status, reason, signed, result)
 
@@ -227,11 +223,11 @@ class CreditTransfer:
 
         A cached key that fails is read again once: the device may have enrolled anew.
         """
-        keys, check = self.device_keys, self.crypto.run
+        keys = self.device_keys
         was_cached = keys.cached(payer)
-        refusal = yield check(_signature_refusal, (yield keys.load(payer)), digest, signature)
+        refusal = _signature_refusal((yield keys.load(payer)), digest, signature)
         if refusal and was_cached:
-            refusal = yield check(_signature_refusal, (yield keys.reload(payer)), digest, signature)
+            refusal = _signature_refusal((yield keys.reload(payer)), digest, signature)
         return refusal
 
     def _answer(self, txn: ServerTransaction, status: int, reason: str, signed_receipt: str,
