@@ -33,7 +33,7 @@ from mpay.load.backends import Backends
 from mpay.load.books import LedgerRef
 from mpay.load.devices import SimDevices
 from mpay.load.server import (
-    REPO, cpu_used, processes_cpu_s, run_admin, tree_cpu_s, worker_names,
+    REPO, SINGLE_NAME, cpu_used, processes_cpu_s, run_admin, tree_cpu_s, worker_names,
 )
 from mpay.load.stats import Outcome, RunStats
 from mpay.load.worker import cpu_s
@@ -214,8 +214,8 @@ class LoadRunner:
         for group, devices in enumerate((self.payers, self.payees)):
             for device in devices:
                 holder = self.holders.get(device.state.number)
-                if holder is not None:
-                    counts.setdefault(holder, [0, 0])[group] += 1
+                if holder is not None:      # "": a PS without peers, the one process
+                    counts.setdefault(holder or SINGLE_NAME, [0, 0])[group] += 1
         return tuple((name, *counts[name]) for name in sorted(counts))
 
     def stop(self) -> defer.Deferred:
