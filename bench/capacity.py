@@ -11,9 +11,13 @@ The baseline is the thesis: 1,600 per minute before success fell under 90 %.
 ``--backends redis,postgres`` runs the same against the production backends
 (the location store on the Redis at 127.0.0.1:6379, the ledger on the
 PostgreSQL database ``test`` at 127.0.0.1:5432; a key prefix and a schema of
-the run's own, removed afterwards).
+the run's own, removed afterwards).  ``--server-workers N`` runs N PS
+processes on the one port (``twistd mpay --workers N``; needs ``--backends
+redis``, with the SQLite file or PostgreSQL as the shared ledger), the server's
+CPU summed over them.
 
-    python bench/capacity.py [--quick] [--backends redis,postgres] [--csv PATH] [--plot PATH]
+    python bench/capacity.py [--quick] [--backends redis,postgres] [--server-workers N]
+                             [--csv PATH] [--plot PATH]
 
 It is the same as (which the README's table was measured with, longer)::
 
@@ -47,6 +51,7 @@ def main(reactor, argv=None):
     parser.add_argument("--quick", action="store_true", help="shorter runs, fewer of them")
     parser.add_argument("--backends", default="",
                         help="redis, postgres or redis,postgres (default: the embedded ones)")
+    parser.add_argument("--server-workers", help="PS processes (needs --backends redis)")
     parser.add_argument("--csv")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
@@ -54,9 +59,9 @@ def main(reactor, argv=None):
     runs = QUICK["MAX_RUNS"] if args.quick else MAX_RUNS
     command = ["--find-capacity", "--start-rate", str(START_RATE_PER_MIN), "--seconds",
                str(seconds), "--resolution", str(RESOLUTION), "--max-runs", str(runs)]
-    for option in ("backends", "csv", "plot"):
+    for option in ("backends", "server_workers", "csv", "plot"):
         if getattr(args, option):
-            command += [f"--{option}", getattr(args, option)]
+            command += [f"--{option.replace('_', '-')}", getattr(args, option)]
     print("mpay-load " + " ".join(command), flush=True)
     status = yield load.run(reactor, load.parse_args(command))
     if status:

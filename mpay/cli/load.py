@@ -7,14 +7,18 @@
     mpay-load --rates 30000,60000 --seconds 15 # each rate sustained 15 s (more than --count)
     mpay-load --backends redis,postgres        # on the production backends
     mpay-load --generator lean                 # the cheap generator (bytes, not the SIP stack)
+    mpay-load --backends redis,postgres --server-workers 2   # two PS processes, one port
 
 By default it starts the real server (``twistd --nodaemon mpay``, embedded
 defaults, every file in a temporary directory) and stops it at the end.
 ``--backends redis,postgres`` puts that server's location store on Redis
 and its ledger on PostgreSQL (``--redis``, ``--postgres-dsn``), under a key
 prefix and a schema of the run's own, removed afterwards (the schema is kept
-with ``--keep``).  With ``--as``/``--ps`` (and ``--ledger`` or
-``--ledger-config``, ``--modem-control``, ``--as-key``) it loads a server
+with ``--keep``).  ``--server-workers N`` starts it with ``--workers N``: N
+PS processes on one port, sharing Redis and the ledger (so it needs
+``--backends redis``), its CPU summed over them.  With ``--as``/``--ps``
+(and ``--ledger`` or ``--ledger-config``, ``--modem-control``, ``--as-key``)
+it loads a server
 already running.  Payers and payees are enrolled Sim-DMDs with
 real tickets and keys; every request carries ticket, authenticator and the
 payer's signature, is committed by the ledger and confirmed by the payee.  A
@@ -50,7 +54,7 @@ from mpay.load.capacity import (
     DEFAULT_MAX_RUNS, DEFAULT_RESOLUTION, STRICT_SUCCESS, THESIS_SUCCESS, CapacitySearch,
 )
 from mpay.load.report import (
-    THESIS_CAPACITY_PER_MIN, ProgressBar, plot, summary_line, write_csv,
+    THESIS_CAPACITY_PER_MIN, ProgressBar, devices_line, plot, summary_line, write_csv,
 )
 from mpay.load.run import (
     DEFAULT_COUNT_PER_RATE, DEFAULT_PAYEES, DEFAULT_PAYERS, DEFAULT_WORKERS, RESPONSE_TIMEOUT_S,
@@ -139,6 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     backends.add_argument("--backends", type=_backend_names, default="embedded",
                           help="redis, postgres or redis,postgres: the location store on Redis,"
                                " the ledger on PostgreSQL")
+    backends.add_argument("--server-workers", type=int, default=1, metavar="N",
+                          help="PS processes of the server (twistd mpay --workers N);"
+                               " N > 1 needs --backends redis")
     backends.add_argument("--redis", type=_host_port, metavar="HOST:PORT",
                           default="{}:{}".format(*production.DEFAULT_REDIS),
                           help="the Redis for --backends redis")
@@ -161,8 +168,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(given) and not all(given):
         parser.error("a running server needs --as, --ps, --ledger (or --ledger-config),"
                      " --modem-control and --as-key")
-    if args.as_addr and args.backends:
-        parser.error("--backends is for the server started here; a running one has its own")
+    if args.as_addr and (args.backends or args.server_workers != 1):
+        parser.error("--backends and --server-workers are for the server started here;"
+                     " a running one has its own")
+    if args.server_workers < 1:
+        parser.error("--server-workers is at least 1")
+    if args.server_workers > 1 and production.REDIS not in args.backends:
+        parser.error(f"--server-workers {args.server_workers} needs --backends redis (or"
+                     " redis,postgres): the PS processes must share the device locations,"
+                     " OTCNs and replay cache, and the memory store is one process's own")
     args.ledger_ref = None
     try:
         if args.ledger_config:
@@ -214,9 +228,12 @@ def _start_server(reactor, args: argparse.Namespace, directory: str):
         return None, Target(args.as_addr, args.ps_addr, args.modem_control, args.as_key,
                             args.ledger_ref, args.server_pid)
     backends = args.production
-    server = ServerProcess(reactor, directory, *free_udp_ports(2),
+    workers = args.server_workers
+    as_port, ps_port, relay_port = free_udp_ports(3)
+    server = ServerProcess(reactor, directory, as_port, ps_port,
                            logfile=os.path.join(directory, "server.log"),
-                           settings=(*backends.settings(), *args.set))
+                           settings=(*backends.settings(), *args.set), workers=workers,
+                           relay_port=relay_port if workers > 1 else None)
     server.start()
     try:
         yield server.wait_ready()
@@ -259,6 +276,8 @@ def sweep(reactor, args: argparse.Namespace):
               f" (server pid {target.pid or 'not known'}; {stores};"
               f" {args.generator} generator)", flush=True)
         yield runner.prepare()
+        if runner.holders:
+            print(devices_line(runner.devices_by_process(), args.server_workers), flush=True)
         search = CapacitySearch(args.start_rate, max_per_min=args.max_rate,
                                 resolution=args.resolution, max_runs=args.max_runs) \
             if args.find_capacity else None

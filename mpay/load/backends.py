@@ -216,6 +216,24 @@ class Backends:
         return sum(1 for (ended,) in rows if ended)
 
     @defer.inlineCallbacks
+    def holders(self, numbers: list[str]):
+        """Which PS process holds each of *numbers* (its binding's ``via``; None: not bound).
+
+        With several PS processes on one port the kernel chose by a hash of each
+        device's address; a run reports the spread rather than assume it.
+        """
+        from mpay.stores.location import RedisLocationStore
+
+        redis = yield self._redis()
+        try:
+            store = RedisLocationStore(redis, self.redis_prefix)
+            bindings = yield defer.gatherResults([store.lookup(number) for number in numbers])
+        finally:
+            yield redis.disconnect()
+        return {number: binding.via if binding else None
+                for number, binding in zip(numbers, bindings)}
+
+    @defer.inlineCallbacks
     def redis_pid(self):
         """The redis-server's process id (INFO server), or None without Redis."""
         if self.redis is None:

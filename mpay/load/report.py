@@ -14,10 +14,11 @@ from typing import IO, Iterable
 from mpay.load.run import RateReport
 
 CSV_FIELDS = ("rate_per_min", "count", "succeeded", "success", "mean_ms", "p50_ms", "p99_ms",
-              "send_lag_p99_ms", "server_cpu_pct", "backend_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
+              "send_lag_p99_ms", "server_processes", "server_cpu_pct", "server_cpu_by_process",
+              "backend_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
               "busiest_sender_cpu_pct", "precompute_us", "duration_s",
               "statuses", "late", "resent", "audit_ok", "journal_checked", "journal_missing",
-              "generator")
+              "devices_by_process", "generator")
 
 THESIS_CAPACITY_PER_MIN = 1_600
 """The thesis's payment server: success fell under 90 % above this rate."""
@@ -37,7 +38,10 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "succeeded": str(stats.succeeded), "success": f"{stats.success:.4f}",
             "mean_ms": _figure(stats.mean_ms, 2), "p50_ms": _figure(stats.p50_ms, 2),
             "p99_ms": _figure(stats.p99_ms, 2), "send_lag_p99_ms": _figure(stats.lag_p99_ms, 2),
+            "server_processes": str(report.server_processes or ""),
             "server_cpu_pct": _figure(stats.server_cpu_pct, 1),
+            "server_cpu_by_process": " ".join(f"{name}:{_figure(pct, 1)}"
+                                              for name, pct in report.server_cpu_by_process),
             "backend_cpu_pct": _figure(report.backend_cpu_pct, 1),
             "generator_cpu_pct": _figure(stats.generator_cpu_pct, 1),
             "payee_cpu_pct": _figure(report.payee_cpu_pct, 1),
@@ -48,6 +52,8 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "audit_ok": str(report.audit_ok).lower(),
             "journal_checked": str(report.journal_checked),
             "journal_missing": str(report.journal_missing),
+            "devices_by_process": " ".join(f"{name}:{payers}+{payees}"
+                                           for name, payers, payees in report.devices_by_process),
             "generator": stats.generator}
 
 
@@ -66,12 +72,22 @@ def summary_line(report: RateReport) -> str:
         f" {report.journal_missing} of {report.journal_checked} journal ids missing)")
     backends = (f" (+ Redis/PostgreSQL {row['backend_cpu_pct']} %)"
                 if row["backend_cpu_pct"] else "")
+    processes = (f" [{report.server_processes} processes: {row['server_cpu_by_process']}]"
+                 if report.server_processes > 1 else "")
     return (f"{row['rate_per_min']:>8s}/min  success {row['success']}  mean {row['mean_ms']} ms"
             f"  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  server CPU"
-            f" {row['server_cpu_pct']} %{backends}  generator ({row['generator'] or '?'}) CPU"
-            f" {row['generator_cpu_pct']} %"
+            f" {row['server_cpu_pct']} %{processes}{backends}"
+            f"  generator ({row['generator'] or '?'}) CPU {row['generator_cpu_pct']} %"
             f" (busiest sender {row['busiest_sender_cpu_pct']} %)"
             f"  [{row['statuses']}, late {row['late']}]  books {books}")
+
+
+def devices_line(spread: tuple[tuple[str, int, int], ...], processes: int) -> str:
+    """Where the kernel put the devices (their Redis bindings), and a warning if all on one."""
+    held = ", ".join(f"{name} {payers} payers + {payees} payees"
+                     for name, payers, payees in spread)
+    lonely = f" (all on one of {processes} processes)" if len(spread) == 1 < processes else ""
+    return f"devices per PS process (Redis bindings): {held}{lonely}"
 
 
 def plot(path: str, reports: Iterable[RateReport], title: str) -> None:

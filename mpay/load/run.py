@@ -9,7 +9,8 @@ them build their signed requests, starts them together, and collects every
 request's outcome.  Then the books are checked, on whichever ledger the
 server has (``mpay.load.books``): ``mpay-admin audit`` must pass and every
 journal id the payers were given in a 200 must be in the journal.  The
-server's CPU comes from ``/proc/<pid>/stat``; on the production backends so
+server's CPU comes from ``/proc/<pid>/stat``, summed over its processes (a
+``--workers N`` server is N of them); on the production backends so
 does theirs (the PostgreSQL backends serving the server, the redis-server);
 the generator's is the senders' own (``getrusage``) plus this process's, so
 a reader can tell whether the load generator was the bottleneck.
@@ -32,7 +33,9 @@ from mpay.load import schedule as schedules
 from mpay.load.backends import Backends
 from mpay.load.books import LedgerRef
 from mpay.load.devices import SimDevices
-from mpay.load.server import REPO, process_cpu_s, run_admin
+from mpay.load.server import (
+    REPO, SINGLE_NAME, cpu_used, processes_cpu_s, run_admin, tree_cpu_s, worker_names,
+)
 from mpay.load.stats import Outcome, RunStats
 from mpay.load.worker import LEAN, STACK, cpu_s
 
@@ -113,6 +116,13 @@ class RateReport:
     busiest_sender_cpu_pct: float = math.nan  # a sender near 100 % was the bottleneck itself
     precompute_us: float = math.nan          # sender CPU to build one signed request
     backend_cpu_pct: float = math.nan        # PostgreSQL backends + redis-server (if used)
+    server_cpu_by_process: tuple[tuple[str, float], ...] = ()   # (PS name, CPU %) each
+    devices_by_process: tuple[tuple[str, int, int], ...] = ()   # (PS name, payers, payees)
+
+    @property
+    def server_processes(self) -> int:
+        """The server's processes whose CPU was summed (``--workers N``: N)."""
+        return len(self.server_cpu_by_process)
 
     @property
     def books_ok(self) -> bool:
@@ -177,6 +187,7 @@ class LoadRunner:
         self.payers: list[Any] = []
         self.payees: list[Any] = []
         self._redis_pid: int | None = None
+        self.holders: dict[str, str | None] = {}   # number -> the PS process holding it
 
     @defer.inlineCallbacks
     def prepare(self):
@@ -196,9 +207,21 @@ class LoadRunner:
                 raise RuntimeError(f"mpay-admin topup failed: {output}")
         if self.target.backends is not None:
             self._redis_pid = yield self.target.backends.redis_pid()
+            if self.target.backends.redis is not None:
+                self.holders = yield self.target.backends.holders(numbers)
         if self.settings.generator == LEAN:
             for payee in self.payees:
                 self.devices.answer_notices(payee)
+
+    def devices_by_process(self) -> tuple[tuple[str, int, int], ...]:
+        """(PS name, payers, payees) it holds, from the Redis bindings (empty without Redis)."""
+        counts: dict[str, list[int]] = {}
+        for group, devices in enumerate((self.payers, self.payees)):
+            for device in devices:
+                holder = self.holders.get(device.state.number)
+                if holder is not None:      # "": a PS without peers, the one process
+                    counts.setdefault(holder or SINGLE_NAME, [0, 0])[group] += 1
+        return tuple((name, *counts[name]) for name in sorted(counts))
 
     def stop(self) -> defer.Deferred:
         return self.devices.stop()
@@ -247,7 +270,8 @@ class LoadRunner:
         finally:
             gc.enable()
         duration_s = self.reactor.seconds() - start_at
-        server_cpu_s = self._server_cpu() - server_cpu_before
+        server_cpu = cpu_used(server_cpu_before, self._server_cpu())
+        server_cpu_s = sum(server_cpu.values()) if server_cpu else math.nan
         backend_cpu_after = self._backend_cpu(list(backend_cpu_before))
         backend_cpu_s = sum(backend_cpu_after[pid] - backend_cpu_before[pid]
                             for pid in backend_cpu_after)
@@ -271,10 +295,18 @@ class LoadRunner:
             busiest_sender_cpu_pct=max(100 * result["cpu_s"] / duration_s for result in results),
             precompute_us=1e6 * sum(ready["precompute_cpu_s"] for ready in readies) / max(built, 1),
             backend_cpu_pct=(100 * backend_cpu_s / duration_s if backend_cpu_before
-                             else math.nan))
+                             else math.nan),
+            server_cpu_by_process=self._by_name(server_cpu, duration_s),
+            devices_by_process=self.devices_by_process())
 
-    def _server_cpu(self) -> float:
-        return process_cpu_s(self.target.pid) if self.target.pid is not None else float("nan")
+    def _server_cpu(self) -> dict[int, float]:
+        """CPU seconds of each of the server's processes (none when its pid is not known)."""
+        return tree_cpu_s(self.target.pid) if self.target.pid is not None else {}
+
+    def _by_name(self, seconds: dict[int, float], duration_s: float) -> tuple:
+        names = worker_names(self.target.pid, list(seconds)) if seconds else {}
+        return tuple(sorted((names[pid], 100 * used / duration_s)
+                            for pid, used in seconds.items()))
 
     def _backend_pids(self) -> list[int]:
         """The production backends' processes now (a PostgreSQL backend per connection;
@@ -287,10 +319,4 @@ class LoadRunner:
     @staticmethod
     def _backend_cpu(pids: list[int]) -> dict[int, float]:
         """CPU seconds of each of *pids* still running (a backend may have ended)."""
-        seconds = {}
-        for pid in pids:
-            try:
-                seconds[pid] = process_cpu_s(pid)
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-        return seconds
+        return processes_cpu_s(pids)

@@ -5,7 +5,8 @@ it -- the twistd plugin with its writer thread, its ledger (a SQLite file,
 or PostgreSQL when the settings say so) and its simulated modem -- in a
 process of its own: ``kill -9`` must hit only the
 server, and the server's CPU must be measurable apart from the load
-generator's (``/proc/<pid>/stat``).  Every file lives in one directory.
+generator's (``/proc/<pid>/stat``; with ``--workers`` summed over worker 1
+and its children).  Every file lives in one directory.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ STOP_TIMEOUT_S = 10.0
 OUTPUT_KEPT_BYTES = 64 * 1024
 """The tail of the server's stdout/stderr kept for failure messages."""
 
+PROC = "/proc"
+
+SINGLE_NAME = "ps"
+WORKER_ONE_NAME = "ps1"
+"""The server's PS name alone, and worker 1's under ``--workers`` (default ``[ps] instance_id``)."""
+
+INSTANCE_SETTING = "ps.instance_id="
+"""How a child worker's command line names it (``mpay.ops.workers.child_command``)."""
+
 log = Logger()
 
 
@@ -64,12 +74,82 @@ def free_udp_ports(count: int) -> list[int]:
             sock.close()
 
 
-def process_cpu_s(pid: int) -> float:
+def _stat_fields(pid: int, proc: str) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces)."""
+    with open(f"{proc}/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()
+
+
+def process_cpu_s(pid: int, proc: str = PROC) -> float:
     """User + system CPU seconds of process *pid*, all its threads (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        fields = stat.read().rsplit(b")", 1)[1].split()
+    fields = _stat_fields(pid, proc)
     # After the ")" closing the command name, utime and stime are fields 12 and 13.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int, proc: str = PROC) -> list[int]:
+    """*pid* and its descendants now, from every process's parent in ``/proc/*/stat``.
+
+    A ``--workers N`` server is worker 1 and its N - 1 children (started by its
+    ProcessMonitor), so its CPU is the sum over this tree, not worker 1's alone.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir(proc):
+        if entry.isdigit():
+            try:
+                parent = int(_stat_fields(int(entry), proc)[1])
+            except (OSError, IndexError, ValueError):
+                continue        # ended while we looked
+            children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending += children.get(current, [])
+    return sorted(tree)
+
+
+def processes_cpu_s(pids: list[int], proc: str = PROC) -> dict[int, float]:
+    """CPU seconds so far of each of *pids* still running (one that has ended is left out)."""
+    seconds = {}
+    for pid in pids:
+        try:
+            seconds[pid] = process_cpu_s(pid, proc)
+        except (OSError, IndexError, ValueError):
+            pass
+    return seconds
+
+
+def tree_cpu_s(pid: int, proc: str = PROC) -> dict[int, float]:
+    """CPU seconds so far of each process in *pid*'s tree."""
+    return processes_cpu_s(process_tree(pid, proc), proc)
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+    """Per process, the CPU seconds between two :func:`tree_cpu_s` readings.
+
+    A process that started in between (a worker restarted) counts whole; one
+    that ended is missing from *after* and its last seconds are lost.
+    """
+    return {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+
+
+def worker_names(root: int, pids: list[int], proc: str = PROC) -> dict[int, str]:
+    """Each of *pids* by its PS name: a child's ``ps.instance_id`` from its command line;
+    *root*, whose name is not on its command line, ``ps1`` beside such children, else ``ps``."""
+    names = {}
+    for pid in pids:
+        try:
+            with open(f"{proc}/{pid}/cmdline", "rb") as cmdline:
+                args = cmdline.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            args = []
+        named = [arg[len(INSTANCE_SETTING):] for arg in args if arg.startswith(INSTANCE_SETTING)]
+        names[pid] = named[-1] if named else f"pid{pid}"
+    if root in names:
+        workers = any(name != f"pid{pid}" for pid, name in names.items() if pid != root)
+        names[root] = WORKER_ONE_NAME if workers else SINGLE_NAME
+    return names
 
 
 class _ServerOutput(protocol.ProcessProtocol):
