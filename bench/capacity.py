@@ -17,7 +17,7 @@ redis``, with the SQLite file or PostgreSQL as the shared ledger), the server's
 CPU summed over them.
 
     python bench/capacity.py [--quick] [--backends redis,postgres] [--server-workers N]
-                             [--csv PATH] [--plot PATH]
+                             [--generator lean|stack] [--csv PATH] [--plot PATH]
 
 It is the same as (which the README's table was measured with, longer)::
 
@@ -52,6 +52,7 @@ def main(reactor, argv=None):
     parser.add_argument("--backends", default="",
                         help="redis, postgres or redis,postgres (default: the embedded ones)")
     parser.add_argument("--server-workers", help="PS processes (needs --backends redis)")
+    parser.add_argument("--generator", help="lean (mpay-load's default) or stack")
     parser.add_argument("--csv")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
@@ -59,7 +60,7 @@ def main(reactor, argv=None):
     runs = QUICK["MAX_RUNS"] if args.quick else MAX_RUNS
     command = ["--find-capacity", "--start-rate", str(START_RATE_PER_MIN), "--seconds",
                str(seconds), "--resolution", str(RESOLUTION), "--max-runs", str(runs)]
-    for option in ("backends", "server_workers", "csv", "plot"):
+    for option in ("backends", "server_workers", "generator", "csv", "plot"):
         if getattr(args, option):
             command += [f"--{option.replace('_', '-')}", getattr(args, option)]
     print("mpay-load " + " ".join(command), flush=True)

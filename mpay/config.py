@@ -180,7 +180,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "role": Key("all", _role),
         "domain": Key("mpay.test", _text),
         "default_region": Key("TW", _region),
-        "gc_threshold": Key("50000", _non_negative_int),
+        "gc_threshold": Key("10000", _non_negative_int),
     },
     "as": {
         "listen": Key("udp:5070:interface=127.0.0.1", _listen),

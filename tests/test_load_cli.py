@@ -33,7 +33,7 @@ class LoadCommandTests(unittest.TestCase):
         out, err, code = yield utils.getProcessOutputAndValue(
             MPAY_LOAD, ["--rates", ",".join(map(str, RATES_PER_MIN)),
                         "--count", str(COUNT_PER_RATE), "--payers", "2", "--payees", "2",
-                        "--workers", "2", "--csv", table, "--plot", picture],
+                        "--workers", "2", "--generator", "stack", "--csv", table, "--plot", picture],
             env=dict(os.environ), path=REPO)
         output = (out + err).decode("utf-8", "replace")
         self.assertEqual(code, 0, output)

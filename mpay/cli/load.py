@@ -6,7 +6,7 @@
     mpay-load --arrival poisson --seed 7       # exponential gaps instead of uniform ones
     mpay-load --rates 30000,60000 --seconds 15 # each rate sustained 15 s (more than --count)
     mpay-load --backends redis,postgres        # on the production backends
-    mpay-load --generator lean                 # the cheap generator (bytes, not the SIP stack)
+    mpay-load --generator stack                # every message through the devices' SIP stack
     mpay-load --backends redis,postgres --server-workers 2   # two PS processes, one port
 
 By default it starts the real server (``twistd --nodaemon mpay``, embedded
@@ -61,7 +61,7 @@ from mpay.load.run import (
     LoadRunner, LoadSettings, RateReport, Target,
 )
 from mpay.load.server import ServerProcess, free_udp_ports
-from mpay.load.worker import GENERATORS, STACK
+from mpay.load.worker import GENERATORS, LEAN
 from mpay.sim.device import DeviceError
 from mpay.sip.endpoint import SIPTimeout
 
@@ -127,9 +127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--payees", type=int, default=DEFAULT_PAYEES)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="payer processes (each payer lives in one)")
-    parser.add_argument("--generator", choices=GENERATORS, default=STACK,
-                        help="stack: every message through the SIP stack; lean: requests"
-                             " serialised ahead, responses and notices handled on bytes")
+    parser.add_argument("--generator", choices=GENERATORS, default=LEAN,
+                        help="lean: requests serialised ahead, responses and notices handled"
+                             " on bytes (the generator's CPU is the server's machine's);"
+                             " stack: every message through the SIP stack")
     parser.add_argument("--timeout", type=float, default=RESPONSE_TIMEOUT_S,
                         help="seconds: a later answer is a failure")
     parser.add_argument("--csv", help="write the table here")

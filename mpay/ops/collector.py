@@ -8,13 +8,18 @@ those walks came often and long: mpay-load saw collector pauses of 50-120 ms
 server therefore collects its young generation every GC_GEN0_THRESHOLD
 allocations instead.  (Freezing what exists at start, gc.freeze, made no
 measurable difference here.)
+
+Since completed transactions keep only bytes (``mpay.sip.transaction``), a
+young generation is mostly short-lived garbage, and walking 50,000 of it
+took 11-22 ms a time: at 96,000 transfers per minute p99 was 41 ms with
+50,000 and 18 ms with 10,000 (and 20 ms with 3,000).
 """
 
 from __future__ import annotations
 
 import gc
 
-GC_GEN0_THRESHOLD = 50_000
+GC_GEN0_THRESHOLD = 10_000
 """Allocations between two young collections (CPython's default is 700)."""
 
 GC_GEN1_THRESHOLD = 20
