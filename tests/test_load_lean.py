@@ -240,7 +240,7 @@ class LeanClientTests(unittest.TestCase):
         self.clock = task.Clock()
         self.transport = FakeDatagramTransport()
         self.outcomes = []
-        self.client = LeanClient(self.transport.write, self.clock.seconds, self.outcomes.append)
+        self.client = LeanClient(self.clock.seconds, self.outcomes.append)
         self.sends = []             # (time, datagram) of every write
 
     def run_until(self, until_s: float) -> None:
@@ -258,7 +258,7 @@ class LeanClientTests(unittest.TestCase):
 
     def test_timer_e_doubles_from_t1_to_t2_and_timer_f_gives_up(self):
         prepared = transfer(1)
-        self.client.send(0, prepared, lag=0.003)
+        self.client.send(0, prepared, lag=0.003, write=self.transport.write)
         self.assertEqual(self.transport.written, [(prepared.data, FakeDatagramTransport.noAddr)])
         self.run_until(40.0)
         times = [at for at, packet in self.sends]
@@ -269,7 +269,7 @@ class LeanClientTests(unittest.TestCase):
         self.assertEqual(self.client.pending, {})
 
     def test_timer_f_gives_up_at_64_t1_after_the_first_send(self):
-        self.client.send(0, transfer(1), lag=0.0)
+        self.client.send(0, transfer(1), lag=0.0, write=self.transport.write)
         self.run_until(lean.TIMER_F_S - TICK_S)
         self.assertEqual(self.outcomes, [])
         self.run_until(lean.TIMER_F_S)
@@ -277,9 +277,9 @@ class LeanClientTests(unittest.TestCase):
 
     def test_a_final_response_is_matched_by_call_id_and_cseq_and_stops_the_timer(self):
         one, two = transfer(1), transfer(2)
-        self.client.send(0, one, lag=0.0)
+        self.client.send(0, one, lag=0.0, write=self.transport.write)
         self.clock.advance(0.125)
-        self.client.send(1, two, lag=0.001)
+        self.client.send(1, two, lag=0.001, write=self.transport.write)
         self.clock.advance(0.25)
         self.client.response_received(final(two, 200, body=b'{"journal_id": 42}'))
         self.client.response_received(final(one, 200, cseq=b"1 REGISTER"))   # not its CSeq
@@ -295,9 +295,22 @@ class LeanClientTests(unittest.TestCase):
         self.run_until(10.0)
         self.assertEqual(len(self.sends), 1)
 
+    def test_each_request_leaves_and_is_retransmitted_from_its_payers_socket(self):
+        mine, theirs = FakeDatagramTransport(), FakeDatagramTransport()
+        one, two = transfer(1), transfer(2)
+        self.client.send(0, one, lag=0.0, write=mine.write)
+        self.client.send(1, two, lag=0.0, write=theirs.write)
+        self.run_until(1.0)                                     # one Timer E each
+        self.assertEqual([packet for packet, _ in mine.written], [one.data, one.data])
+        self.assertEqual([packet for packet, _ in theirs.written], [two.data, two.data])
+        self.client.response_received(final(two, 200))          # matched whatever socket
+        self.client.response_received(final(one, 200))
+        self.assertEqual(sorted(outcome.index for outcome in self.outcomes), [0, 1])
+        self.assertEqual((self.client.resent, self.client.pending), (2, {}))
+
     def test_a_provisional_response_is_no_outcome_and_slows_retransmission_to_t2(self):
         prepared = transfer(1)
-        self.client.send(0, prepared, lag=0.0)
+        self.client.send(0, prepared, lag=0.0, write=self.transport.write)
         self.client.response_received(final(prepared, 100))
         self.assertEqual((self.outcomes, self.client.provisional), ([], 1))
         self.run_until(9.0)
@@ -305,7 +318,7 @@ class LeanClientTests(unittest.TestCase):
 
     def test_a_journal_id_only_from_a_200_body_and_compact_headers_are_read(self):
         prepared = transfer(3)
-        self.client.send(0, prepared, lag=0.0)
+        self.client.send(0, prepared, lag=0.0, write=self.transport.write)
         compact = final(prepared, 202, body=b'{"journal_id": 9}').replace(b"Call-ID:", b"i:")
         self.client.response_received(compact)
         self.assertEqual(self.outcomes, [lean.Outcome(0, 202, 0.0, 0.0, None)])

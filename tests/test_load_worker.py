@@ -40,6 +40,7 @@ class StandInPS(protocol.DatagramProtocol):
 
     def __init__(self, drop_first: bool = False):
         self.requests = []
+        self.sources: dict[str, set] = {}      # payer URI -> the addresses its requests came from
         self.drop_first = drop_first
         self._seen: set[str] = set()
 
@@ -49,6 +50,7 @@ class StandInPS(protocol.DatagramProtocol):
             self._seen.add(request.call_id)
             return
         self.requests.append(request)
+        self.sources.setdefault(request.from_addr.uri, set()).add(addr)
         body = json.dumps({"journal_id": len(self.requests)}).encode()
         self.transport.write(make_response(request, 200, body=body).to_bytes(), addr)
 
@@ -98,6 +100,7 @@ class PayerSimulatorTests(unittest.TestCase):
                 self.assertTrue(request.headers.get(header), header)
         senders = {request.from_addr.uri for request in ps.requests}
         self.assertEqual(len(senders), len(PAYERS))
+        self.assert_a_socket_per_payer(ps)
         self.assertGreater(result["cpu_s"], 0.0)
         self.assertEqual(result["generator"], self.generator)
 
@@ -113,6 +116,14 @@ class PayerSimulatorTests(unittest.TestCase):
         self.assertEqual(result["resent"], count)
         for outcome in outcomes:
             self.assertGreater(outcome.latency_s, T1_S / 2)     # it waited for Timer E
+        self.assert_a_socket_per_payer(ps)                      # retransmitted from it too
+
+    def assert_a_socket_per_payer(self, ps: StandInPS) -> None:
+        """Each payer sends from one address of its own, as a phone does (so that the
+        kernel's SO_REUSEPORT hash spreads payers over PS processes)."""
+        ports = [port for sources in ps.sources.values() for _, port in sources]
+        self.assertEqual(len(ports), len(ps.sources), "one source address per payer")
+        self.assertEqual(len(set(ports)), len(ports), "no two payers share a socket")
 
 
 class LeanPayerSimulatorTests(PayerSimulatorTests):

@@ -7,7 +7,10 @@ same two cores.  What a load generator must do is narrow, so it is done
 here on the bytes:
 
 - the payer (:class:`LeanClient`) sends requests serialised ahead of time,
-  matches each response by Call-ID and CSeq, reads only the status (and a
+  each from its payer's own socket (a phone has an address of its own: the
+  kernel spreads SO_REUSEPORT server processes by source address, so one
+  shared socket would load one process), matches each response by Call-ID
+  and CSeq whichever socket it came in on, reads only the status (and a
   200's journal id), and retransmits as an RFC 3261 17.1.2 non-INVITE
   client transaction over UDP does: Timer E from T1 doubling to T2 (T2
   after a 1xx), given up at Timer F.  The timers are deques, each in due
@@ -261,11 +264,13 @@ def journal_id_of(body: bytes) -> int | None:
 
 
 class _Pending:
-    __slots__ = ("index", "prepared", "sent_at", "lag", "proceeding", "done")
+    __slots__ = ("index", "prepared", "write", "sent_at", "lag", "proceeding", "done")
 
-    def __init__(self, index: int, prepared: Prepared, sent_at: float, lag: float):
+    def __init__(self, index: int, prepared: Prepared, write: Callable[[bytes], None],
+                 sent_at: float, lag: float):
         self.index = index
         self.prepared = prepared
+        self.write = write               # the payer's socket: retransmissions leave from it too
         self.sent_at = sent_at
         self.lag = lag
         self.proceeding = False          # a 1xx came: retransmit every T2 (RFC 17.1.2.2)
@@ -275,16 +280,16 @@ class _Pending:
 class LeanClient:
     """Non-INVITE client transactions to one server over UDP, on prepared bytes.
 
-    *write(data)* sends a datagram (a connected socket); *seconds()* is the
-    clock; *on_final(outcome)* gets each request's :class:`Outcome` once.
-    Call :meth:`tick` every RETRANSMIT_TICK_S.
+    Each request is sent (and retransmitted) by the *write(data)* it is given,
+    a payer's connected socket; the timers and the matching are shared by all
+    the payers, so a request costs the same however many sockets there are.
+    *seconds()* is the clock; *on_final(outcome)* gets each request's
+    :class:`Outcome` once.  Call :meth:`tick` every RETRANSMIT_TICK_S.
     """
 
-    def __init__(self, write: Callable[[bytes], None], seconds: Callable[[], float],
-                 on_final: Callable[[Outcome], None], t1_s: float = T1_S, t2_s: float = T2_S,
-                 timer_f_s: float = TIMER_F_S):
+    def __init__(self, seconds: Callable[[], float], on_final: Callable[[Outcome], None],
+                 t1_s: float = T1_S, t2_s: float = T2_S, timer_f_s: float = TIMER_F_S):
         assert 0 < t1_s <= t2_s < timer_f_s
-        self.write = write
         self.seconds = seconds
         self.on_final = on_final
         self.t2_s = t2_s
@@ -302,12 +307,13 @@ class LeanClient:
         self.stray = 0                   # responses matching nothing pending (late, or foreign)
         self.provisional = 0
 
-    def send(self, index: int, prepared: Prepared, lag: float) -> None:
-        """Send *prepared* now, as request *index* of the run, *lag* late on its schedule."""
+    def send(self, index: int, prepared: Prepared, lag: float,
+             write: Callable[[bytes], None]) -> None:
+        """Send *prepared* by *write* now, as request *index* of the run, *lag* late."""
         assert prepared.call_id not in self.pending, "a Call-ID is one request"
-        self.write(prepared.data)
+        write(prepared.data)
         now = self.seconds()
-        entry = _Pending(index, prepared, now, lag)
+        entry = _Pending(index, prepared, write, now, lag)
         self.pending[prepared.call_id] = entry
         self._due[self._first].append((now + self._first, entry))
         self._give_up.append((now + self.timer_f_s, entry))
@@ -344,7 +350,7 @@ class LeanClient:
                 _, entry = queue.popleft()
                 if entry.done:
                     continue
-                self.write(entry.prepared.data)
+                entry.write(entry.prepared.data)
                 self.resent += 1
                 delay = self.t2_s if entry.proceeding else min(2 * interval, self.t2_s)
                 self._due[delay].append((now + delay, entry))

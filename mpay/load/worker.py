@@ -2,18 +2,20 @@
 
 It is given (one JSON line on stdin) the PS's address, some enrolled payers
 (their device state: ticket, session key, Ed25519 key) and its share of the
-run's schedule.  It binds its socket, builds the first PRECOMPUTE_AHEAD_S of
-signed, authenticated transfer requests -- the expensive part, done before
-the clock starts -- and says ``ready``; on ``start_at`` (a wall-clock time
-shared by all senders) it sends each request at its offset, building the
-later ones in its idle time so that no authenticator is older than
-PRECOMPUTE_AHEAD_S when it leaves (the PS allows 300 s of skew).  It reports
-progress, then every request's outcome and its own CPU, one JSON line each
-on stdout.
+run's schedule.  It binds one socket per payer, a phone's own address: the
+kernel picks among PS processes sharing a port (SO_REUSEPORT) by a hash of
+the source address, so one socket would put a sender's whole share on one
+process.  It builds the first PRECOMPUTE_AHEAD_S of signed, authenticated
+transfer requests -- the expensive part, done before the clock starts -- and
+says ``ready``; on ``start_at`` (a wall-clock time shared by all senders) it
+sends each request at its offset, building the later ones in its idle time
+so that no authenticator is older than PRECOMPUTE_AHEAD_S when it leaves
+(the PS allows 300 s of skew).  It reports progress, then every request's
+outcome and its own CPU, one JSON line each on stdout.
 
 The plan's ``generator`` says how requests go: ``stack`` through a real SIP
 client transaction (:class:`PayerSimulator`), ``lean`` as bytes serialised
-ahead from a plain UDP socket, matched and retransmitted by
+ahead from a plain UDP socket per payer, matched and retransmitted by
 ``mpay.load.lean`` (:class:`LeanPayerSimulator`), the same requests either way.
 """
 
@@ -27,6 +29,7 @@ from collections import deque
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.application.service import MultiService
 from twisted.internet import defer, stdio, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -70,7 +73,7 @@ def cpu_s() -> float:
 
 
 class _NoRequests:
-    """The payers' shared endpoint serves no requests (their notices go to the payees)."""
+    """A payer's endpoint serves no requests (the notices go to the payees' own)."""
 
     handlers: dict = {}
 
@@ -78,20 +81,15 @@ class _NoRequests:
         """Nothing is INVITEd here."""
 
 
-class _SentBy:
-    """What a Device asks of an endpoint to build a request: the address it sends from."""
-
-    sent_by: tuple[str, int] | None = None
-
-
 class _Simulator:
     """Sends one share of a run; *emit* gets each report (a dict) for the parent.
 
     The schedule, the building ahead, the outcomes and the reports; a
-    generator's subclass makes what the devices build with (``_endpoint()``),
-    binds (``_listen()``), keeps a built request its way (``_prepared(request)``),
-    sends it (``_send(built, index, lag)``), records each :class:`Outcome`
-    with ``_record``, counts its retransmissions (``_resent()``) and closes
+    generator's subclass makes each payer's own endpoint (``_endpoint()``, what
+    its Device builds with: an address of its own), binds them (``_listen()``),
+    keeps a built request its way (``_prepared(request, endpoint)``), sends it
+    from its payer's endpoint (``_send(built, index, lag)``), records each
+    :class:`Outcome` with ``_record``, counts its retransmissions (``_resent()``) and closes
     (``close()``, a Deferred).
     """
 
@@ -105,7 +103,6 @@ class _Simulator:
         self.amount: int = plan["amount_minor"]
         self.timeout_s: float = plan["timeout_s"]
         self.schedule: list[tuple[int, float]] = [tuple(entry) for entry in plan["schedule"]]
-        self.endpoint: Any = self._endpoint()
         self.payers = [self._payer(DeviceState(**state), plan["domain"])
                        for state in plan["payers"]]
         self.built = 0                            # requests of the share built so far
@@ -124,7 +121,7 @@ class _Simulator:
         device = Device(state, domain=domain, as_addr=self.ps_addr, ps_addr=self.ps_addr,
                         as_identity="", pinned_as_key=None, ring=lambda number, line: None,
                         clock=self.reactor.seconds, reactor=self.reactor)
-        device.endpoint = self.endpoint
+        device.endpoint = self._endpoint()
         return device, state.private_key()
 
     def prepare(self) -> dict:
@@ -143,7 +140,7 @@ class _Simulator:
             device, key = self.payers[self.built % len(self.payers)]
             payee = self.payees[index % len(self.payees)]
             self.waiting.append(self._prepared(
-                device.transfer_request(payee, self.amount, signing_key=key)))
+                device.transfer_request(payee, self.amount, signing_key=key), device.endpoint))
             self.built += 1
             limit -= 1
 
@@ -211,27 +208,37 @@ class _Simulator:
 
 
 class PayerSimulator(_Simulator):
-    """The stack generator: each request through a real SIP client transaction."""
+    """The stack generator: each request through a real SIP client transaction.
+
+    Every payer has an endpoint and a listener of its own; they share one time wheel.
+    """
 
     generator = STACK
 
+    def __init__(self, reactor, plan: dict, emit: Callable[[dict], None]):
+        self.services = MultiService()          # the time wheel, then each payer's listener
+        self.timers = TimeWheelService(TimeWheel(tick_s=SENDER_TICK_S), reactor=reactor)
+        self.timers.setServiceParent(self.services)
+        self.endpoints: list[SIPEndpoint] = []
+        super().__init__(reactor, plan, emit)
+
     def _endpoint(self) -> SIPEndpoint:
-        self.timers = TimeWheelService(TimeWheel(tick_s=SENDER_TICK_S), reactor=self.reactor)
         endpoint = SIPEndpoint("payer", _NoRequests(), self.timers)
-        self.listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", endpoint,
-                                           reactor=self.reactor)
+        UDPListenerService(f"udp:0:interface={LOOPBACK}", endpoint,
+                           reactor=self.reactor).setServiceParent(self.services)
+        self.endpoints.append(endpoint)
         return endpoint
 
     def _listen(self) -> None:
-        self.timers.startService()
-        self.listener.startService()
+        self.services.startService()
 
-    def _prepared(self, request: Request) -> Request:
-        return request
+    def _prepared(self, request: Request, endpoint: SIPEndpoint) -> tuple[Request, SIPEndpoint]:
+        return request, endpoint
 
-    def _send(self, request: Request, index: int, lag: float) -> None:
+    def _send(self, built: tuple[Request, SIPEndpoint], index: int, lag: float) -> None:
+        request, endpoint = built
         sent_at = self.reactor.seconds()
-        answer = self.endpoint.send_request(request, self.ps_addr)
+        answer = endpoint.send_request(request, self.ps_addr)
         answer.addCallbacks(self._answered, self._unanswered,
                             callbackArgs=(index, sent_at, lag), errbackArgs=(index, lag))
 
@@ -249,20 +256,34 @@ class PayerSimulator(_Simulator):
         self._record(Outcome(index, None, None, lag))
 
     def _resent(self) -> int:
-        return self.endpoint.layer.stats["requests_resent"]
+        return sum(endpoint.layer.stats["requests_resent"] for endpoint in self.endpoints)
 
-    @defer.inlineCallbacks
-    def close(self):
-        yield self.listener.stopService()
-        if self.timers.running:
-            yield self.timers.stopService()
+    def close(self) -> defer.Deferred:
+        if not self.services.running:
+            return defer.succeed(None)
+        return defer.maybeDeferred(self.services.stopService)
 
 
-class _LeanProtocol(DatagramProtocol):
-    """A thin adapter: the connected socket's datagrams to the client."""
+class _PayerSocket(DatagramProtocol):
+    """One payer's connected socket: what its Device builds with (``sent_by``), the
+    writes of its requests, and its responses to the shared client."""
 
     def __init__(self, simulator: "LeanPayerSimulator"):
         self.simulator = simulator
+        self.sent_by: tuple[str, int] | None = None
+        self.port: Any = None
+
+    def listen(self, reactor, ps_addr: tuple[str, int]) -> None:
+        self.port = reactor.listenUDP(0, self, interface=LOOPBACK)
+        self.port.connect(*ps_addr)
+        host = self.port.getHost()
+        self.sent_by = (host.host, host.port)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.transport.write(data)
+        except OSError as exc:            # a full buffer is lost like a dropped datagram
+            log.warn("lean sender: send failed: {error}", error=exc)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.simulator.client.response_received(data)
@@ -270,38 +291,41 @@ class _LeanProtocol(DatagramProtocol):
     def connectionRefused(self) -> None:
         self.simulator.refused += 1       # ICMP port unreachable: the server is not there
 
+    def close(self) -> defer.Deferred:
+        port, self.port = self.port, None
+        return defer.succeed(None) if port is None else defer.maybeDeferred(port.stopListening)
+
 
 class LeanPayerSimulator(_Simulator):
-    """The lean generator: the same requests serialised ahead, sent by ``lean.LeanClient``."""
+    """The lean generator: the same requests serialised ahead, sent by ``lean.LeanClient``
+    from each payer's own socket."""
 
     generator = LEAN
 
-    def _endpoint(self) -> _SentBy:
-        self.client = LeanClient(self._write, self.reactor.seconds, self._record)
-        self.port: Any = None
+    def __init__(self, reactor, plan: dict, emit: Callable[[dict], None]):
+        self.client = LeanClient(reactor.seconds, self._record)
+        self.sockets: list[_PayerSocket] = []
         self.refused = 0
         self._retransmitter = task.LoopingCall(self.client.tick)
-        self._retransmitter.clock = self.reactor
-        return _SentBy()
+        self._retransmitter.clock = reactor
+        super().__init__(reactor, plan, emit)
+
+    def _endpoint(self) -> _PayerSocket:
+        self.sockets.append(_PayerSocket(self))
+        return self.sockets[-1]
 
     def _listen(self) -> None:
-        self.port = self.reactor.listenUDP(0, _LeanProtocol(self), interface=LOOPBACK)
-        self.port.connect(*self.ps_addr)
-        host = self.port.getHost()
-        self.endpoint.sent_by = (host.host, host.port)
+        for payer_socket in self.sockets:
+            payer_socket.listen(self.reactor, self.ps_addr)
         self._retransmitter.start(RETRANSMIT_TICK_S, now=False)
 
-    def _write(self, data: bytes) -> None:
-        try:
-            self.port.write(data)
-        except OSError as exc:            # a full buffer is lost like a dropped datagram
-            log.warn("lean sender: send failed: {error}", error=exc)
+    def _prepared(self, request: Request,
+                  payer_socket: _PayerSocket) -> tuple[Prepared, Callable[[bytes], None]]:
+        return prepare(request), payer_socket.write
 
-    def _prepared(self, request: Request) -> Prepared:
-        return prepare(request)
-
-    def _send(self, prepared: Prepared, index: int, lag: float) -> None:
-        self.client.send(index, prepared, lag)
+    def _send(self, built: tuple[Prepared, Callable[[bytes], None]], index: int,
+              lag: float) -> None:
+        self.client.send(index, built[0], lag, built[1])
 
     def _resent(self) -> int:
         return self.client.resent
@@ -312,10 +336,7 @@ class LeanPayerSimulator(_Simulator):
 
     def close(self) -> defer.Deferred:
         self._stop_sending()
-        if self.port is None:
-            return defer.succeed(None)
-        port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening)
+        return defer.gatherResults([payer_socket.close() for payer_socket in self.sockets])
 
 
 SIMULATORS = {STACK: PayerSimulator, LEAN: LeanPayerSimulator}
