@@ -327,7 +327,7 @@ def run(reactor, args: argparse.Namespace):
     if args.plot:
         length = f"{args.count} transfers" + (f" or {args.seconds:g} s" if args.seconds else "")
         plot(args.plot, reports, f"mpay-load ({args.generator} generator): {length} per"
-                                 f" rate, {args.arrival} arrivals, timeout {args.timeout:g} s")
+                                 f" rate,\n{args.arrival} arrivals, timeout {args.timeout:g} s")
     books_ok = all(report.books_ok for report in reports)
     print(f"books: {'every audit passed, every 200 is in the journal' if books_ok else 'WRONG'}")
     print("90 % (the thesis's threshold): " + capacity_line(reports, THESIS_SUCCESS))

@@ -105,7 +105,7 @@ def plot(path: str, reports: Iterable[RateReport], title: str) -> None:
         upper.axhline(90.0, linestyle=":", linewidth=0.8, color="red", label="90 % (thesis)")
         upper.set_ylabel("success (%)")
         upper.legend(loc="lower left")
-        upper.set_title(title)
+        upper.set_title(title, fontsize=10)
         for label, pick in (("mean", lambda s: s.mean_ms), ("p99", lambda s: s.p99_ms)):
             values = [pick(report.stats) for report in ordered]
             lower.plot(rates, [value if math.isfinite(value) else math.nan for value in values],
@@ -113,7 +113,9 @@ def plot(path: str, reports: Iterable[RateReport], title: str) -> None:
         lower.set_yscale("log")             # 2 ms idle to seconds overloaded
         plain = ticker.FuncFormatter(lambda value, position: f"{value:g}")
         lower.yaxis.set_major_formatter(plain)
-        lower.yaxis.set_minor_formatter(plain)
+        # Minor labels only at 2 and 5 of each decade: all of them overlap on a log axis.
+        lower.yaxis.set_minor_formatter(ticker.FuncFormatter(
+            lambda value, position: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
         lower.set_ylabel("processing time (ms, log)")
         lower.set_xlabel("arrival rate (credit transfers per minute)")
         lower.legend(loc="upper left")
