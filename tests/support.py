@@ -84,3 +84,25 @@ class ProcessOutput(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         self.ended.callback(reason.value.exitCode)
+
+
+@defer.inlineCallbacks
+def sweep_once(case, count: int, argv: list[str]):
+    """One rate of ``mpay-load``'s sweep of *count* transfers, its output caught; (args,
+    report, output), after asserting that each got 200 and every 200 is in the journal."""
+    import io
+    import sys
+
+    from twisted.internet import reactor
+
+    from mpay.cli import load
+    args = load.parse_args(["--count", str(count)] + argv)
+    out = io.StringIO()
+    case.patch(sys, "stdout", out)
+    reports = yield load.sweep(reactor, args)
+    case.assertEqual(len(reports), 1, out.getvalue())
+    report = reports[0]
+    case.assertEqual(report.stats.status_text(), f"200:{count}", out.getvalue())
+    case.assertTrue(report.audit_ok, report.audit_output)
+    case.assertEqual((report.journal_checked, report.journal_missing), (count, 0))
+    return args, report, out.getvalue()

@@ -7,7 +7,6 @@ import io
 import math
 import random
 import re
-import sys
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
@@ -20,6 +19,7 @@ from mpay.load.capacity import CapacitySearch
 from mpay.load.report import CSV_FIELDS, ProgressBar, write_csv
 from mpay.load.run import RateReport
 from mpay.load.stats import Outcome, RunStats, percentile
+from tests.support import sweep_once
 
 TIMEOUT_S = 5.0
 
@@ -230,21 +230,13 @@ class ProductionSweepTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_small_sweep_on_redis_and_postgres_keeps_the_books_and_leaves_nothing(self):
         count = 50
-        args = load.parse_args(["--rates", "3000", "--count", str(count), "--payers", "2",
-                                "--payees", "2", "--workers", "2",
-                                "--backends", "redis,postgres"])
-        out = io.StringIO()
-        self.patch(sys, "stdout", out)
-        reports = yield load.sweep(reactor, args)
-        self.assertEqual(len(reports), 1, out.getvalue())
-        report = reports[0]
-        self.assertEqual(report.stats.status_text(), f"200:{count}", out.getvalue())
-        self.assertTrue(report.audit_ok, report.audit_output)
-        self.assertEqual((report.journal_checked, report.journal_missing), (count, 0))
+        args, report, out = yield sweep_once(self, count, [
+            "--rates", "3000", "--payers", "2", "--payees", "2",
+            "--workers", "2", "--backends", "redis,postgres"])
         self.assertFalse(math.isnan(report.backend_cpu_pct), "the backends' CPU was measured")
         backends = args.production
-        self.assertIn(f"dropped schema {backends.postgres_schema}", out.getvalue())
-        deleted = re.search(r"deleted (\d+) Redis keys", out.getvalue())
+        self.assertIn(f"dropped schema {backends.postgres_schema}", out)
+        deleted = re.search(r"deleted (\d+) Redis keys", out)
         self.assertGreaterEqual(int(deleted.group(1)), 4, "four devices' bindings were in Redis")
         leftovers = yield backends.leftovers()
         self.assertEqual(leftovers, (0, False), "the run's keys and schema are gone")

@@ -22,6 +22,7 @@ from mpay.load.report import CSV_FIELDS, csv_row, devices_line
 from mpay.load.server import (
     WORKER_ONE_NAME, cpu_used, process_cpu_s, process_tree, tree_cpu_s, worker_names,
 )
+from tests.support import sweep_once
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHILD_BURN_S = 0.2
@@ -160,21 +161,15 @@ class ServerWorkersSweepTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def sweep(self, backends: str):
-        args = load.parse_args(["--rates", str(SWEEP_RATE_PER_MIN), "--count", str(SWEEP_COUNT),
-                                "--server-workers", "2", "--backends", backends])
-        out = io.StringIO()
-        self.patch(sys, "stdout", out)
-        reports = yield load.sweep(reactor, args)
-        self.assertEqual(len(reports), 1, out.getvalue())
-        report = reports[0]
-        self.assertEqual(report.stats.status_text(), f"200:{SWEEP_COUNT}", out.getvalue())
+        args, report, out = yield sweep_once(self, SWEEP_COUNT, [
+            "--rates", str(SWEEP_RATE_PER_MIN),
+            "--server-workers", "2", "--backends", backends])
         self.assertTrue(report.books_ok, report.audit_output)
-        self.assertEqual((report.journal_checked, report.journal_missing), (SWEEP_COUNT, 0))
         self.assertEqual([name for name, _ in report.server_cpu_by_process], ["ps1", "ps2"])
         self.assertEqual(csv_row(report)["server_processes"], "2")
         self.assertEqual(sum(payers + payees for _, payers, payees in report.devices_by_process),
                          args.payers + args.payees, "every device is bound at some process")
-        self.assertIn("devices per PS process (Redis bindings): ps", out.getvalue())
+        self.assertIn("devices per PS process (Redis bindings): ps", out)
         leftovers = yield args.production.leftovers()
         self.assertEqual(leftovers, (0, False), "the run's keys and schema are gone")
 
