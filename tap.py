@@ -119,7 +119,8 @@ def makeService(options: Options, reactor=None) -> MpayService:
     settings = TimerSettings(sip["t1_ms"] / 1000.0, sip["t2_ms"] / 1000.0, sip["t4_ms"] / 1000.0)
     # Before the servers, so it stops after them: no request finds the ledger gone.
     try:
-        ledger = LedgerService(store_opener(cfg["ledger"]), reactor)
+        ledger = LedgerService(store_opener(cfg["ledger"]), reactor,
+                               commit_delay_s=cfg["ledger"]["commit_delay_ms"] / 1000.0)
     except LedgerError as exc:
         raise usage.UsageError(str(exc)) from exc
     ledger.setServiceParent(top)

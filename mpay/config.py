@@ -83,6 +83,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise ValueError("must be 0 or a positive number")
+    return number
+
+
 def _currency(value: str) -> str:
     if not re.fullmatch(r"[A-Z]{3}", value):
         raise ValueError("must be an ISO 4217 code such as TWD")
@@ -218,6 +225,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "postgres_dsn": Key("", _text),
         "postgres_schema": Key("public", _text),
         "currency": Key("TWD", _currency),
+        "commit_delay_ms": Key("2", _non_negative_float),
     },
     "tickets": {
         "k_ps_keys": Key("var/k_ps.keys", _text),

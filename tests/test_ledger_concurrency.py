@@ -30,6 +30,7 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from mpay.ledger import writer
 from mpay.ledger.api import LedgerBusy, LedgerError, LedgerStopped, Outcome, UnknownAccount
 from mpay.ledger.service import LedgerService
 from mpay.ledger.sqlite import SQLiteStore
@@ -133,6 +134,38 @@ class LedgerServiceMixin:
         first, second = self.service.open_account(A), self.service.open_account(B)
         yield self.assertFailure(self.service.open_account(C), LedgerBusy)
         self.assertEqual((yield defer.gatherResults([first, second])), [True, True])
+
+
+    @defer.inlineCallbacks
+    def test_a_group_waits_for_company_only_after_a_group(self):
+        yield self.service.stopService()
+        slept: list[float] = []
+
+        class WriterTime:       # the writer thread's clock: its sleeps recorded, not slept
+            monotonic = staticmethod(time.monotonic)
+
+            @staticmethod
+            def sleep(seconds: float) -> None:
+                slept.append(seconds)
+
+        self.patch(writer, "time", WriterTime)
+        self.service = LedgerService(self.opener(), reactor, commit_delay_s=0.25)
+        both = defer.gatherResults([self.service.open_account(A), self.service.open_account(B)])
+        self.service.startService()             # both were queued: one group of two
+        self.assertEqual((yield both), [True, True])
+        self.assertEqual(slept, [], "the first group did not wait")
+        self.assertTrue((yield self.service.open_account(C)))
+        self.assertEqual(slept, [0.25], "after a group of two, the next one waited")
+        self.assertFalse((yield self.service.open_account(C)))
+        self.assertEqual(slept, [0.25], "after a group of one, an idle ledger commits at once")
+        self.assertEqual(self.service.writer.batches, 3)
+
+    def test_the_wait_needs_load_room_and_a_delay(self):
+        self.assertTrue(writer.waits_for_more(writer.COMMIT_SIBLINGS, 1, 100, 0.002))
+        self.assertFalse(writer.waits_for_more(writer.COMMIT_SIBLINGS - 1, 1, 100, 0.002))
+        self.assertFalse(writer.waits_for_more(5, 100, 100, 0.002), "a full group commits")
+        self.assertFalse(writer.waits_for_more(5, 0, 100, 0.002), "nothing to commit")
+        self.assertFalse(writer.waits_for_more(5, 1, 100, 0.0), "commit_delay_ms = 0")
 
 
 class SQLiteLedgerServiceTests(SQLiteBackend, LedgerServiceMixin, unittest.TestCase):

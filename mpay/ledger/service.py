@@ -21,7 +21,7 @@ from mpay.ledger.api import (
 )
 from mpay.ledger.notices import MAX_QUEUED_NOTICES_PER_PAYEE
 from mpay.ledger.store import SQLStore
-from mpay.ledger.writer import MAX_PENDING, GroupCommitWriter, OpenStore
+from mpay.ledger.writer import COMMIT_DELAY_S, MAX_PENDING, GroupCommitWriter, OpenStore
 
 READ_THREADS = 2
 """Threads (and connections) answering balance, statement and audit queries."""
@@ -89,12 +89,12 @@ class LedgerService(Service):
 
     def __init__(self, open_store: OpenStore, reactor: Any = None, *,
                  max_batch: int | None = None, max_pending: int = MAX_PENDING,
-                 read_threads: int = READ_THREADS):
+                 read_threads: int = READ_THREADS, commit_delay_s: float = COMMIT_DELAY_S):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self.writer = GroupCommitWriter(open_store, reactor, max_batch=max_batch,
-                                        max_pending=max_pending)
+                                        max_pending=max_pending, commit_delay_s=commit_delay_s)
         self._readers = ReadPool(open_store, reactor, read_threads)
         self._stopped = False
 
