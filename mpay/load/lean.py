@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple
 from twisted.logger import Logger
 
 from mpay.load.stats import Outcome
+from mpay.sip.stream import transport_of
 from mpay.sip.timing import T1_S, T2_S
 
 TIMER_F_S = 64 * T1_S
@@ -204,7 +205,7 @@ class NoticeAnswerer:
             del self.endpoint.datagram_received
 
     def datagram_received(self, data: bytes, addr: Any, relayed: bool = False) -> None:
-        if data.startswith(b"MESSAGE ") and getattr(addr, "transport", "UDP") == "UDP":
+        if data.startswith(b"MESSAGE ") and transport_of(addr) == "UDP":
             answer = ok_for(data, addr, self.tag_key, self.media_type)
             if answer is not None and _is_notice_body(data[data.find(b"\r\n\r\n") + 4:]):
                 self.answered += 1

@@ -255,7 +255,7 @@ class LoadRunner:
             senders.append(sender)
         readies = yield defer.gatherResults([sender.ready for sender in senders],
                                             consumeErrors=True)
-        backend_cpu_before = self._backend_cpu((yield threads.deferToThread(self._backend_pids)))
+        backend_cpu_before = processes_cpu_s((yield threads.deferToThread(self._backend_pids)))
         start_at = self.reactor.seconds() + START_DELAY_S
         server_cpu_before = self._server_cpu()
         own_cpu_before = cpu_s()
@@ -272,7 +272,7 @@ class LoadRunner:
         duration_s = self.reactor.seconds() - start_at
         server_cpu = cpu_used(server_cpu_before, self._server_cpu())
         server_cpu_s = sum(server_cpu.values()) if server_cpu else math.nan
-        backend_cpu_after = self._backend_cpu(list(backend_cpu_before))
+        backend_cpu_after = processes_cpu_s(list(backend_cpu_before))
         backend_cpu_s = sum(backend_cpu_after[pid] - backend_cpu_before[pid]
                             for pid in backend_cpu_after)
         payee_cpu_s = cpu_s() - own_cpu_before
@@ -315,8 +315,3 @@ class LoadRunner:
             return []
         pids = self.target.backends.postgres_pids()
         return pids + ([self._redis_pid] if self._redis_pid is not None else [])
-
-    @staticmethod
-    def _backend_cpu(pids: list[int]) -> dict[int, float]:
-        """CPU seconds of each of *pids* still running (a backend may have ended)."""
-        return processes_cpu_s(pids)

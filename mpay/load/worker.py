@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 from mpay.load.devices import LOOPBACK
-from mpay.load.lean import RETRANSMIT_TICK_S, LeanClient, Prepared, prepare
+from mpay.load.lean import RETRANSMIT_TICK_S, LeanClient, Prepared, journal_id_of, prepare
 from mpay.load.stats import Outcome
 from mpay.sim.device import Device, DeviceState
 from mpay.sip.endpoint import SIPEndpoint
@@ -243,12 +243,7 @@ class PayerSimulator(_Simulator):
                             callbackArgs=(index, sent_at, lag), errbackArgs=(index, lag))
 
     def _answered(self, response: Any, index: int, sent_at: float, lag: float) -> None:
-        journal_id = None
-        if response.status == 200:
-            try:
-                journal_id = json.loads(response.body)["journal_id"]
-            except (ValueError, KeyError, TypeError):
-                journal_id = None
+        journal_id = journal_id_of(response.body) if response.status == 200 else None
         self._record(Outcome(index, response.status, self.reactor.seconds() - sent_at, lag,
                              journal_id))
 

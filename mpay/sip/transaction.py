@@ -97,7 +97,7 @@ class ServerTransaction:
     def respond_with(self, status: int, reason: str | None = None,
                      headers: list[tuple[str, str]] | tuple = (), body: bytes = b"") -> Response | None:
         """Build the response to this request (RFC 8.2.6) and send it."""
-        if self.request is None:       # final already, and released (a TU's second answer)
+        if self.final:      # a TU's second answer (and a non-INVITE's request is released)
             self.layer.stats["late_responses"] += 1
             return None
         response = make_response(self.request, status, reason, to_tag=self.to_tag,
