@@ -5,7 +5,9 @@ every check, and the replay-cache insert.  Printed beside it, measured in
 the same run: the two opens alone, and a bare AES-256-GCM decrypt of a blob
 of the same size, the floor no Python code can beat.  Design budget: each
 well under 50 us in CPython.  Also the replay cache's memory per entry,
-which sizes REPLAY_CACHE_MAX_ENTRIES.
+which sizes REPLAY_CACHE_MAX_ENTRIES.  And the payer signature's check and the
+receipt's signature as the PS makes them (libsodium), against OpenSSL's
+Ed25519 through ``cryptography`` on the same key and message.
 
 Last line: ``auth: verify_per_s=X verify_us=Y``.
 """
@@ -71,6 +73,19 @@ def main() -> None:
     blob = aead.encrypt(nonce, bytes(plaintext_bytes), b"ad")
     baseline_us = best_us(lambda _: aead.decrypt(nonce, blob, b"ad"), range(N))
 
+    signing = crypto.generate_signing_key()
+    public = crypto.public_key_raw(signing.public_key())
+    purpose, message = b"mpay-bench-v1", digest
+    signature = crypto.sign(signing, purpose, message)
+    labelled = bytes((len(purpose),)) + purpose + message
+    openssl_public = signing.public_key()
+    sodium_verify_us = best_us(
+        lambda _: crypto.verify_raw(public, purpose, message, signature), range(N // 4))
+    openssl_verify_us = best_us(lambda _: openssl_public.verify(signature, labelled),
+                                range(N // 4))
+    sodium_sign_us = best_us(lambda _: crypto.sign(signing, purpose, message), range(N // 4))
+    openssl_sign_us = best_us(lambda _: signing.sign(labelled), range(N // 4))
+
     tracemalloc.start()
     cache = gate.TicketVerifier(k_ps, PS_ID).replay_cache
     before = tracemalloc.get_traced_memory()[0]
@@ -85,6 +100,10 @@ def main() -> None:
     print(f"authenticator open:           {auth_us:6.2f} us  ({auth_us / baseline_us:.2f}x)")
     print(f"full verify (+checks, cache): {verify_us:6.2f} us  ({verify_us / baseline_us:.2f}x)"
           f"  budget {BUDGET_US:.0f} us each")
+    print(f"Ed25519 verify: {sodium_verify_us:6.1f} us libsodium, {openssl_verify_us:6.1f} us "
+          f"OpenSSL ({sodium_verify_us / openssl_verify_us:.2f}x)")
+    print(f"Ed25519 sign:   {sodium_sign_us:6.1f} us libsodium, {openssl_sign_us:6.1f} us "
+          f"OpenSSL ({sodium_sign_us / openssl_sign_us:.2f}x)")
     cap = gate.REPLAY_CACHE_MAX_ENTRIES
     print(f"replay cache: {per_entry:.0f} B/entry; {cap} entries -> {per_entry * cap / 2**20:.0f}"
           f" MiB at most, full at {cap / cache.retention_s:.0f} verifications/s sustained")

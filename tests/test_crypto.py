@@ -113,6 +113,33 @@ class SignatureTests(unittest.TestCase):
         self.assertRaises(BadSignature, crypto.verify_signature, public, PURPOSE, b"message",
                           signature[:-1])
 
+    @FUZZ
+    @given(message=st.binary(max_size=300))
+    def test_libsodium_and_openssl_agree(self, message):
+        """Signing and checking are libsodium's; keys and the wire form must stay OpenSSL's."""
+        signature = crypto.sign(self.key, PURPOSE, message)
+        labelled = bytes((len(PURPOSE),)) + PURPOSE + message
+        self.assertEqual(signature, self.key.sign(labelled))      # Ed25519 is deterministic
+        self.key.public_key().verify(signature, labelled)
+        crypto.verify_raw(crypto.public_key_raw(self.key.public_key()), PURPOSE, message,
+                          self.key.sign(labelled))
+
+    @FUZZ
+    @given(bit=st.integers(min_value=0, max_value=8 * crypto.ED25519_SIGNATURE_BYTES - 1))
+    def test_any_flipped_bit_is_refused(self, bit):
+        signature = bytearray(crypto.sign(self.key, PURPOSE, b"message"))
+        signature[bit // 8] ^= 1 << (bit % 8)
+        self.assertRaises(BadSignature, crypto.verify_raw,
+                          crypto.public_key_raw(self.key.public_key()), PURPOSE, b"message",
+                          bytes(signature))
+
+    def test_raw_key_of_the_wrong_size_or_small_order(self):
+        signature = crypto.sign(self.key, PURPOSE, b"m")
+        self.assertRaises(DecodeError, crypto.verify_raw, b"\x00" * 31, PURPOSE, b"m", signature)
+        identity = b"\x01" + b"\x00" * 31          # the neutral point: every signature "fits"
+        self.assertRaises(BadSignature, crypto.verify_raw, identity, PURPOSE, b"m",
+                          b"\x01" + b"\x00" * 63)
+
     def test_public_key_text_form(self):
         text = crypto.public_key_to_text(self.key.public_key())
         self.assertEqual(len(text), 44)

@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import re
 import struct
 from typing import Iterable
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError as SodiumError
 
 ENVELOPE_VERSION = 1
 KEY_BYTES = 32
@@ -49,6 +52,8 @@ DEVICE_KEY_PURPOSE = b"mpay-device-key-v1"
 
 ED25519_PUBLIC_BYTES = 32
 ED25519_SIGNATURE_BYTES = 64
+# Signing keys whose libsodium form is kept: the PS's, and a load generator's payers.
+MAX_CACHED_SIGNING_KEYS = 4096
 
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _U64 = struct.Struct("!Q")
@@ -279,19 +284,38 @@ def _signed_message(purpose: bytes, message: bytes) -> bytes:
     return bytes((len(purpose),)) + purpose + message
 
 
+# Keys are cryptography's objects (key files, enrolment); the signing and the checking on
+# the payment path are libsodium's, which verifies in half OpenSSL's time (bench/auth.py)
+# and refuses small-order keys and non-canonical signatures that OpenSSL lets through.
+
+@functools.lru_cache(maxsize=MAX_CACHED_SIGNING_KEYS)
+def _sodium_secret(seed: bytes) -> bytes:
+    """libsodium's 64-byte secret (seed and public key), made once: it costs a signature."""
+    return sodium.crypto_sign_seed_keypair(seed)[1]
+
+
 def sign(key: Ed25519PrivateKey, purpose: bytes, message: bytes) -> bytes:
     """Signature over *message* under a purpose label, so a signature made for
     one protocol step can never be presented as another."""
-    return key.sign(_signed_message(purpose, message))
+    signed = sodium.crypto_sign(_signed_message(purpose, message),
+                                _sodium_secret(key.private_bytes_raw()))
+    return signed[:ED25519_SIGNATURE_BYTES]
 
 
 def verify_signature(key: Ed25519PublicKey, purpose: bytes, message: bytes,
                      signature: bytes) -> None:
+    verify_raw(public_key_raw(key), purpose, message, signature)
+
+
+def verify_raw(public: bytes, purpose: bytes, message: bytes, signature: bytes) -> None:
+    """`verify_signature` for a key kept as its raw 32 bytes (a device's, in the ledger)."""
     if len(signature) != ED25519_SIGNATURE_BYTES:
         raise BadSignature("an Ed25519 signature is 64 bytes")
+    if len(public) != ED25519_PUBLIC_BYTES:
+        raise DecodeError("an Ed25519 public key is 32 bytes")
     try:
-        key.verify(signature, _signed_message(purpose, message))
-    except InvalidSignature:
+        sodium.crypto_sign_open(signature + _signed_message(purpose, message), public)
+    except SodiumError:
         raise BadSignature("signature does not verify") from None
 
 
