@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from mpay.sip.headers import split_list
 from mpay.sip.message import (
     MAX_HEADER_FIELDS, MAX_HEADER_LINE_BYTES, MAX_MESSAGE_BYTES, Headers, ParseError, Request,
-    Response, make_response, parse, parse_cseq, parse_name_addr, parse_uri, parse_via,
+    Response, Via, make_response, parse, parse_cseq, parse_name_addr, parse_uri, parse_via,
 )
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sip_corpus")
@@ -503,6 +503,18 @@ class HeadersTests(unittest.TestCase):
         m.set_top_via(via)
         self.assertIn(b"rport;received=203.0.113.9\r\n", m.to_bytes())
         self.assertEqual(parse(m.to_bytes()).top_via.received, "203.0.113.9")
+
+    def test_set_top_via_keeps_the_other_parsed_values(self):
+        m = parse(with_header(REGISTER, b"Via: SIP/2.0/UDP p2;branch=z9hG4bKp2"))
+        cseq, to_addr, lower = m.cseq, m.to_addr, m.vias[1]
+        m.set_top_via(Via("UDP", "198.51.100.1", 5070, {"branch": "z9hG4bKnew"}))
+        self.assertEqual([v.host for v in m.vias], ["198.51.100.1", "p2"])
+        self.assertIs(m.vias[1], lower)
+        self.assertIs(m.cseq, cseq)
+        self.assertIs(m.to_addr, to_addr)
+        self.assertEqual([v.host for v in parse(m.to_bytes()).vias], ["198.51.100.1", "p2"])
+        m.headers.set("CSeq", "9 REGISTER")          # any other change still drops the caches
+        self.assertEqual(m.cseq, (9, "REGISTER"))
 
 
 class BuildTests(unittest.TestCase):

@@ -193,14 +193,23 @@ class _Message:
         return vias[0] if vias else None
 
     def set_top_via(self, via: Via) -> None:
-        """Rewrite the top Via (e.g. add received/rport, RFC 3581) in the headers."""
-        items = self.headers._items
+        """Rewrite the top Via (e.g. add received/rport, RFC 3581) in the headers.
+
+        The other parsed values stay cached: every request received has its Via
+        stamped, and parsing From, To and CSeq again would double the parse."""
+        headers = self.headers
+        items = headers._items
         for i, (key, name, _) in enumerate(items):
             if key == "via":
+                fresh = self._for is headers and self._rev == headers._rev
                 items[i] = (key, name, via.to_str())
-                self.headers._rev += 1
+                headers._rev += 1
+                if fresh:
+                    self._rev = headers._rev
+                    if self._vias:
+                        self._vias[0] = via
                 return
-        self.headers.add("Via", via.to_str())
+        headers.add("Via", via.to_str())
 
     @property
     def cseq(self) -> tuple[int, str]:
@@ -301,16 +310,25 @@ def default_reason(status: int) -> str:
     return REASONS.get(status) or _CLASS_REASONS.get(status // 100, "Unknown")
 
 
+_ECHOED = ("from", "to", "call-id", "cseq")     # in this order, after the Vias
+
+
 def make_response(request: Request, status: int, reason: str | None = None, *,
                   to_tag: str | None = None, headers: Iterable[tuple[str, str]] = (),
                   body: bytes = b"") -> Response:
     """A response to `request` per RFC 3261 8.2.6: Vias in order, From, To (tagged if
     `to_tag` and it had none), Call-ID, CSeq; then `headers`.  Works on the partial
     request of a `ParseError` too, which is how malformed requests get their 400."""
-    src = request.headers._items
-    out = [item for item in src if item[0] == "via"]
-    for key in ("from", "to", "call-id", "cseq"):
-        item = next((item for item in src if item[0] == key), None)
+    out = []
+    echoed: dict[str, tuple[str, str, str]] = {}
+    for item in request.headers._items:         # one pass: this runs for every answer
+        key = item[0]
+        if key == "via":
+            out.append(item)
+        elif key in _ECHOED and key not in echoed:
+            echoed[key] = item
+    for key in _ECHOED:
+        item = echoed.get(key)
         if item is None:
             continue
         if key == "to" and to_tag is not None and request.to_addr.tag is None:
