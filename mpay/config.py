@@ -215,6 +215,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "checkpoint_s": Key("5", _positive_float),
         "instance_id": Key("ps", _instance),
         "reuse_port": Key("false", _bool),
+        "signature_process": Key("true", _bool),
         "relay_listen": Key("", _relay_listen),
         "peers": Key("", _peers),
         "adopt_sessions": Key("", _instances),

@@ -111,6 +111,9 @@ class ServerCPUTests(unittest.TestCase):
         self.assertEqual(worker_names(100, sorted(used), root),
                          {100: WORKER_ONE_NAME, 101: "ps2", 103: "pid103", 104: "ps3"})
         self.assertEqual(worker_names(100, [100, 103], root), {100: "ps", 103: "pid103"})
+        FakeProc.write(root, 105, 100, 3, ["python", "-m", "mpay.payment.signature_jobs"])
+        self.assertEqual(worker_names(100, [100, 105], root), {100: "ps", 105: "signatures105"},
+                         "a PS's signature process is not a worker")
 
     def test_real_children_are_found_and_their_cpu_counted(self):
         # Two children burn CHILD_BURN_S of CPU each, then all three wait for stdin to close.
@@ -165,8 +168,11 @@ class ServerWorkersSweepTests(unittest.TestCase):
             "--rates", str(SWEEP_RATE_PER_MIN),
             "--server-workers", "2", "--backends", backends])
         self.assertTrue(report.books_ok, report.audit_output)
-        self.assertEqual([name for name, _ in report.server_cpu_by_process], ["ps1", "ps2"])
-        self.assertEqual(csv_row(report)["server_processes"], "2")
+        names = [name for name, _ in report.server_cpu_by_process]
+        self.assertEqual([name for name in names if name.startswith("ps")], ["ps1", "ps2"])
+        self.assertEqual(len([name for name in names if name.startswith("signatures")]), 2,
+                         "each PS process has its signature process, and its CPU counts")
+        self.assertEqual(csv_row(report)["server_processes"], "4")
         self.assertEqual(sum(payers + payees for _, payers, payees in report.devices_by_process),
                          args.payers + args.payees, "every device is bound at some process")
         self.assertIn("devices per PS process (Redis bindings): ps", out)

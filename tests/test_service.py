@@ -98,6 +98,8 @@ class ServiceTreeTests(unittest.TestCase):
         self.assertIn('mpay_sip_requests_total{method="OPTIONS",role="ps"} 2.0', text)
         self.assertIn('mpay_sip_responses_total{method="OPTIONS",role="ps",status="200"} 1.0', text)
         self.assertIn('mpay_sip_retransmissions_absorbed_total{role="ps"} 1.0', text)
+        self.assertIn('mpay_payer_signature_checks_total{where="process"} 0.0', text)
+        self.assertIn('mpay_signature_process_restarts_total 0.0', text)
         self.assertIn("mpay_ledger_pending 0.0", text)
         self.assertIn("# TYPE mpay_outcomes_total counter", text)
 

@@ -213,7 +213,14 @@ class TransferTests(unittest.TestCase):
             return original(request)
 
         self.payer.authenticate = forge
+        checks = self.mpay.ps_core.transfer.signatures
+        for _ in range(400):                  # the PS's signature process is ready soon
+            if checks._link is not None and checks._link.ready:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
         yield self.refused(self.payer.transfer(PAYEE, 100), "403 Payer Signature Invalid")
+        self.assertEqual(checks.inline, 0, "refused by the signature process, not the PS")
+        self.assertGreaterEqual(checks.in_child, 1)
 
     @defer.inlineCallbacks
     def test_a_payer_enrolled_anew_is_not_refused_for_its_new_key(self):

@@ -99,6 +99,7 @@ class Verified(NamedTuple):
     k_c_ps: bytes
     expires: float
     nonce: bytes = b""     # the authenticator's: a renewed session part echoes it
+    digest: bytes = b""    # of the request, as the authenticator named it: signed next
 
 
 REFUSALS = {
@@ -162,7 +163,8 @@ class TicketVerifier:
         if auth.ip != ticket.ip:
             raise _refuse("ticket_address_mismatch")
         self._check(auth, ticket.number, source_ip, digest, now)
-        return Verified(ticket.number, ticket.k_c_ps, ticket.expires_ms / MS_PER_S, auth.nonce)
+        return Verified(ticket.number, ticket.k_c_ps, ticket.expires_ms / MS_PER_S, auth.nonce,
+                        digest)
 
     def verify_ticket_request(self, k: bytes, number: str, proof_b64: str | bytes | None,
                               source_ip: str, digest: bytes, now: float) -> Authenticator:

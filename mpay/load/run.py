@@ -121,7 +121,8 @@ class RateReport:
 
     @property
     def server_processes(self) -> int:
-        """The server's processes whose CPU was summed (``--workers N``: N)."""
+        """The server's processes whose CPU was summed (``--workers N``: N PS processes
+        and the signature process of each)."""
         return len(self.server_cpu_by_process)
 
     @property

@@ -134,6 +134,9 @@ def cpu_used(before: dict[int, float], after: dict[int, float]) -> dict[int, flo
     return {pid: after[pid] - before.get(pid, 0.0) for pid in after}
 
 
+SIGNATURE_MODULE = "mpay.payment.signature_jobs"
+
+
 def worker_names(root: int, pids: list[int], proc: str = PROC) -> dict[int, str]:
     """Each of *pids* by its PS name: a child's ``ps.instance_id`` from its command line;
     *root*, whose name is not on its command line, ``ps1`` beside such children, else ``ps``."""
@@ -145,9 +148,15 @@ def worker_names(root: int, pids: list[int], proc: str = PROC) -> dict[int, str]
         except OSError:
             args = []
         named = [arg[len(INSTANCE_SETTING):] for arg in args if arg.startswith(INSTANCE_SETTING)]
-        names[pid] = named[-1] if named else f"pid{pid}"
+        if named:
+            names[pid] = named[-1]
+        elif SIGNATURE_MODULE in args:      # a PS's child that checks payer signatures
+            names[pid] = f"signatures{pid}"
+        else:
+            names[pid] = f"pid{pid}"
     if root in names:
-        workers = any(name != f"pid{pid}" for pid, name in names.items() if pid != root)
+        workers = any(name != f"pid{pid}" and not name.startswith("signatures")
+                      for pid, name in names.items() if pid != root)
         names[root] = WORKER_ONE_NAME if workers else SINGLE_NAME
     return names
 

@@ -75,6 +75,18 @@ class OutcomeCollector:
             for outcome, count in getattr(source, "outcomes", {}).items():
                 outcomes.add_metric([name, outcome], count)
         yield outcomes
+        checks = getattr(self.sources.get("transfer"), "signatures", None)
+        if checks is not None:
+            where = CounterMetricFamily("mpay_payer_signature_checks",
+                                        "Payer signatures checked, by where (the signature "
+                                        "process, or the PS while it was not running)",
+                                        labels=["where"])
+            where.add_metric(["process"], checks.in_child)
+            where.add_metric(["ps"], checks.inline)
+            restarts = CounterMetricFamily("mpay_signature_process_restarts",
+                                           "Times the signature process stopped and was started again")
+            restarts.add_metric([], checks.restarts)
+            yield from (where, restarts)
         if self.ledger is not None:
             stats = self.ledger.stats()
             pending = GaugeMetricFamily("mpay_ledger_pending", "Operations queued for the ledger writer")

@@ -3,6 +3,7 @@
     ps (MultiService)
     |-- redis              only with [location] backend = redis: the pool (locations, OTCNs,
     |                      guess blocking, the shared replay cache)
+    |-- ps-signatures      the payer signatures' check, in a child process ([ps] signature_process)
     |-- ps-sip             UDP listener -> SIPEndpoint -> PaymentServer (registrar, transfer, charges)
     |-- ps-relay           only with [ps] relay_listen: frames to and from the other PS instances
     `-- ps-sessions        timed sessions: checkpoints; at start, settles what a crash left open
@@ -29,6 +30,7 @@ from mpay.payment.otcn_request import OTCNIssuer
 from mpay.payment.receive import ChargeService
 from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
+from mpay.payment.signatures import SignatureChecks, SignatureService
 from mpay.payment.transfer import CreditTransfer
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.peers import PeerRelay
@@ -89,6 +91,10 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
              ledger: Any) -> tuple[service.MultiService, SIPEndpoint]:
     parent = service.MultiService()
     parent.setName("ps")
+    signatures = SignatureChecks(reactor, use_child=cfg["ps"]["signature_process"])
+    checker = SignatureService(signatures)    # first: it stops after the listeners
+    checker.setName("ps-signatures")
+    checker.setServiceParent(parent)
     location = cfg["location"]
     limits = {"limit": cfg["guard"]["limit"], "window_s": cfg["guard"]["window_s"],
               "block_s": cfg["guard"]["block_s"]}
@@ -113,7 +119,7 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
         locations=locations, notices=NoticeQueue(ledger), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,
-        timer_a_s=cfg["ps"]["transfer_timer_a_s"])
+        timer_a_s=cfg["ps"]["transfer_timer_a_s"], signatures=signatures)
     ps_key = transfer.ps_key
     charges = ChargeService(
         authenticate=registrar.authenticate, ledger=ledger, locations=locations, otcns=otcns,

@@ -30,11 +30,11 @@ from twisted.logger import Logger
 
 from mpay import e164
 from mpay.auth.crypto import encode_b64
-from mpay.auth.wire import digest_of
 from mpay.ledger.api import MAX_AMOUNT_MINOR, Outcome, TransferResult
 from mpay.payment import receipt as receipts
 from mpay.payment.body import json_body
 from mpay.payment.notices import NoticeQueue
+from mpay.payment.signatures import SignatureChecks
 from mpay.sip.stream import address_of
 from mpay.sip.endpoint import SIPTimeout
 from mpay.sip.message import Request
@@ -123,17 +123,6 @@ def read_transfer(request: Request, currency: str, default_region: str) -> Trans
     return TransferRequest(payee, amount, conceal)
 
 
-def _signature_refusal(record: Any, digest: bytes, signature: bytes) -> str | None:
-    """Why *record*'s key did not sign *digest* (403's reason), or None if it did."""
-    try:
-        if record is None:
-            raise receipts.ReceiptError("Payer Not Enrolled")
-        receipts.verify_request(record.device_key, digest, signature)
-    except receipts.ReceiptError as exc:
-        return str(exc)
-    return None
-
-
 class CreditTransfer:
     """The MESSAGE handler of the PS; one call per new transfer transaction."""
 
@@ -141,7 +130,8 @@ class CreditTransfer:
 
     def __init__(self, *, authenticate: Callable, ledger: Any, device_keys: Any, locations: Any,
                  notices: NoticeQueue, ps_key: Any, currency: str, domain: str,
-                 default_region: str, timers: Any, timer_a_s: float = TRANSFER_TIMER_A_S):
+                 default_region: str, timers: Any, timer_a_s: float = TRANSFER_TIMER_A_S,
+                 signatures: SignatureChecks | None = None):
         self.authenticate = authenticate
         self.ledger = ledger
         self.device_keys = device_keys
@@ -153,6 +143,7 @@ class CreditTransfer:
         self.default_region = default_region
         self.timers = timers
         self.timer_a_s = timer_a_s
+        self.signatures = signatures or SignatureChecks(None, use_child=False)
         self.endpoint: Any = None
         self.outcomes: dict[str, int] = {}
         self.active: dict[tuple[str, str], TransferFlow] = {}   # live transfers, for the manhole
@@ -164,7 +155,7 @@ class CreditTransfer:
     def _authenticated(self, txn: ServerTransaction, request: Request, verified: Any) -> None:
         flow = TransferFlow(verified.number, request.call_id)
         self.active[(flow.payer, flow.call_id)] = flow
-        work = self._transfer(txn, request, flow)
+        work = self._transfer(txn, request, flow, verified.digest)
 
         def failed(failure):
             self.log.failure("ps: transfer failed", failure)
@@ -183,7 +174,8 @@ class CreditTransfer:
         txn.respond_with(status, reason)
 
     @defer.inlineCallbacks
-    def _transfer(self, txn: ServerTransaction, request: Request, flow: TransferFlow):
+    def _transfer(self, txn: ServerTransaction, request: Request, flow: TransferFlow,
+                  digest: bytes):
         payer = flow.payer
         try:
             asked = read_transfer(request, self.currency, self.default_region)
@@ -194,8 +186,11 @@ class CreditTransfer:
             return self._refuse(txn, flow, 403, str(exc))
         if asked.payee == payer:
             return self._refuse(txn, flow, 400, "Payer Is Payee")
-        digest = digest_of(request)
-        refusal = yield self._check_signature(payer, digest, signature)
+        keys = self.device_keys
+        was_cached = keys.cached(payer)
+        refusal = yield self._refusal((yield keys.load(payer)), digest, signature)
+        if refusal and was_cached:      # the device may have enrolled anew: read it again
+            refusal = yield self._refusal((yield keys.reload(payer)), digest, signature)
         if refusal:
             return self._refuse(txn, flow, 403, refusal)
         key = f"{payer}|{request.call_id}|{request.cseq[0]}"
@@ -217,18 +212,12 @@ class CreditTransfer:
         status, reason = yield self._notify_payee(flow, receipt, asked.conceal, signed)
         self._answer(txn, status, reason, signed, result)
 
-    @defer.inlineCallbacks
-    def _check_signature(self, payer: str, digest: bytes, signature: bytes):
-        """None if the payer's device signed *digest*, else the reason phrase (403).
-
-        A cached key that fails is read again once: the device may have enrolled anew.
-        """
-        keys = self.device_keys
-        was_cached = keys.cached(payer)
-        refusal = _signature_refusal((yield keys.load(payer)), digest, signature)
-        if refusal and was_cached:
-            refusal = _signature_refusal((yield keys.reload(payer)), digest, signature)
-        return refusal
+    def _refusal(self, record: Any, digest: bytes, signature: bytes) -> defer.Deferred:
+        """Fires with why *record*'s key did not sign *digest* (403's reason), or None."""
+        if record is None:
+            return defer.succeed("Payer Not Enrolled")
+        return self.signatures.check(record.device_key, digest, signature).addCallback(
+            lambda verifies: None if verifies else "Payer Signature Invalid")
 
     def _answer(self, txn: ServerTransaction, status: int, reason: str, signed_receipt: str,
                 result: TransferResult) -> None:
