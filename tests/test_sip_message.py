@@ -6,9 +6,12 @@ semantic/ parse but are refused above the parser (each test below says by what).
 
 import os
 
+from hypothesis import given, settings, strategies as st
+
 from twisted.trial import unittest
 
 from mpay.sip.headers import split_list
+from mpay.sip.useragent import build_request
 from mpay.sip.message import (
     MAX_HEADER_FIELDS, MAX_HEADER_LINE_BYTES, MAX_MESSAGE_BYTES, Headers, ParseError, Request,
     Response, Via, make_response, parse, parse_cseq, parse_name_addr, parse_uri, parse_via,
@@ -518,6 +521,30 @@ class HeadersTests(unittest.TestCase):
 
 
 class BuildTests(unittest.TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(host=st.sampled_from(["127.0.0.1", "ps.mpay.test", "::1"]),
+           port=st.integers(min_value=1, max_value=65535),
+           cseq=st.integers(min_value=0, max_value=2**31 - 1),
+           method=st.sampled_from(["MESSAGE", "REFER", "RECEIVE", "BYE"]),
+           to_tag=st.one_of(st.none(), st.just("t9")))
+    def test_built_request_caches_what_its_bytes_say(self, host, port, cseq, method, to_tag):
+        request = build_request(method, "sip:+886912345678@h", sent_by=(host, port),
+                                from_uri="sip:a@h", to_uri="sip:b@h", call_id="c@h", cseq=cseq,
+                                to_tag=to_tag, headers=[("Subject", "x")], body=b"{}",
+                                content_type="application/json")
+        wire = request.to_bytes()
+        again = parse(wire)
+        self.assertEqual(again.to_bytes(), wire)
+        self.assertEqual(request.cseq, again.cseq)
+        self.assertEqual(request.top_via.to_str(), again.top_via.to_str())
+        self.assertEqual(request.top_via.host, host)
+        self.assertEqual([name for name, _ in request.headers][:6],
+                         ["Via", "Max-Forwards", "From", "To", "Call-ID", "CSeq"])
+
+    def test_built_request_refuses_a_line_break(self):
+        self.assertRaises(ValueError, build_request, "MESSAGE", "sip:b@h", sent_by=("h", 1),
+                          from_uri="sip:a@h", to_uri="sip:b@h", call_id="c\r\nX: y", cseq=1)
+
     def test_request_built_by_code_gets_its_content_length(self):
         request = Request("MESSAGE", "sip:+886912345678@mpay.test", Headers([
             ("Via", "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKb1"), ("From", "<sip:a@h>;tag=1"),

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from mpay.sip.message import MAGIC_COOKIE, Headers, Request
+from mpay.sip.headers import MAX_CSEQ, is_token
+from mpay.sip.message import MAGIC_COOKIE, Headers, Request, Via
 
 MAX_FORWARDS = 70
+_MAX_FORWARDS_TEXT = str(MAX_FORWARDS)
 BRANCH_RANDOM_BYTES = 8    # 64 bits: unique per transaction, per RFC 3261 8.1.1.7
 TAG_RANDOM_BYTES = 6
 
@@ -61,19 +63,36 @@ def build_request(method: str, uri: str, *, sent_by: tuple[str, int], from_uri: 
                   to_tag: str | None = None, contact: str | None = None,
                   branch: str | None = None, headers: Iterable[tuple[str, str]] = (),
                   body: bytes = b"", content_type: str | None = None) -> Request:
-    """A request outside or inside a dialog; ``rport`` asks to be answered where we sent from."""
+    """A request outside or inside a dialog; ``rport`` asks to be answered where we sent from.
+
+    The mandatory fields are written as the parser would store them, and the
+    Via and CSeq they carry are cached on the request: the PS builds one of
+    these for every notice, and its client transaction reads both at once.
+    """
     host, port = sent_by
+    branch = branch or new_branch()
+    at = f"[{host}]" if ":" in host else host        # an IPv6 reference is bracketed
     fields = Headers()
-    fields.add("Via", f"SIP/2.0/UDP {host}:{port};branch={branch or new_branch()};rport")
-    fields.add("Max-Forwards", str(MAX_FORWARDS))
-    fields.add("From", f"<{from_uri}>;tag={from_tag or new_tag()}")
-    fields.add("To", f"<{to_uri}>" + (f";tag={to_tag}" if to_tag else ""))
-    fields.add("Call-ID", call_id)
-    fields.add("CSeq", f"{cseq} {method}")
+    fields._items = [
+        ("via", "Via", f"SIP/2.0/UDP {at}:{port};branch={branch};rport"),
+        ("max-forwards", "Max-Forwards", _MAX_FORWARDS_TEXT),
+        ("from", "From", f"<{from_uri}>;tag={from_tag or new_tag()}"),
+        ("to", "To", f"<{to_uri}>" + (f";tag={to_tag}" if to_tag else "")),
+        ("call-id", "Call-ID", call_id),
+        ("cseq", "CSeq", f"{cseq} {method}"),
+    ]
+    for _, _, value in fields._items:
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header value with a line break: {value!r}")
     if contact is not None:
         fields.add("Contact", f"<{contact}>")
     for name, value in headers:
         fields.add(name, value)
     if content_type is not None:
         fields.add("Content-Type", content_type)
-    return Request(method, uri, fields, body)
+    request = Request(method, uri, fields, body)
+    if is_token(method) and 0 <= cseq <= MAX_CSEQ:
+        request._cache()
+        request._vias = [Via("UDP", host, port, {"branch": branch, "rport": None})]
+        request._cseq = (cseq, method)
+    return request
