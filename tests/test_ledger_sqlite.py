@@ -17,7 +17,9 @@ from twisted.trial import unittest
 
 from mpay.ledger import migrate
 from mpay.ledger.api import Outcome
-from mpay.ledger.sqlite import _RUN_ACCOUNTS, _RUN_INSERT, _RUN_KEYS, SQLiteStore
+from mpay.ledger.sqlite import (
+    _RUN_ACCOUNTS, _RUN_INSERT, _RUN_KEYS, RUN_INSERT_ROWS, SQLiteStore, _run_insert,
+)
 from tests.test_ledger import SQLiteBackend
 
 A, B = "+886912000001", "+886912000002"
@@ -40,8 +42,9 @@ class WriterStatementTests(SQLiteBackend, unittest.TestCase):
         self.addCleanup(self.store.close)
 
     def test_no_statement_of_a_run_builds_a_temporary_btree(self):
-        for sql, params in ((_RUN_INSERT, ROW), (_RUN_ACCOUNTS, ('["+886912000001"]',)),
-                            (_RUN_KEYS, ('["k"]',))):
+        for sql, params in ((_RUN_INSERT, ROW), (_run_insert(RUN_INSERT_ROWS),
+                                                 ROW * RUN_INSERT_ROWS),
+                            (_RUN_ACCOUNTS, ('["+886912000001"]',)), (_RUN_KEYS, ('["k"]',))):
             self.assertNotIn("OpenEphemeral", opcodes(self.store._conn, sql, params), sql)
 
     def test_the_schema_still_refuses_an_unknown_kind(self):
@@ -49,6 +52,28 @@ class WriterStatementTests(SQLiteBackend, unittest.TestCase):
             self.store.open_account(number)
         self.assertRaises(sqlite3.IntegrityError, self.raw, BAD_KIND, (A, B))
         self.assertEqual(self.raw("SELECT COUNT(*) FROM journal"), [(0,)])
+
+    def test_a_run_longer_than_one_insert_journals_every_transfer_in_order(self):
+        for number in (A, B):
+            self.store.open_account(number)
+        self.store.cash_in(A, 1000, "fund")
+        count = 2 * RUN_INSERT_ROWS + 5
+        signature = bytes(range(64))
+        answers = self.store.run_batch([
+            ("transfer", (A, B, 1 + index % 3, f"t{index}", "transfer", f"ref{index}",
+                          signature if index % 2 else None)) for index in range(count)])
+        self.assertEqual([a.outcome for a in answers], [Outcome.COMMITTED] * count)
+        self.assertEqual([a.journal_id for a in answers], list(range(2, 2 + count)))
+        entries = self.store.journal_page(after_id=1, limit=count)
+        self.assertEqual([(e.id, e.idempotency_key, e.reference, e.amount, e.payer_signature)
+                          for e in entries],
+                         [(2 + i, f"t{i}", f"ref{i}", 1 + i % 3, signature if i % 2 else None)
+                          for i in range(count)])
+        self.assertEqual([e.debit_balance_after for e in entries],
+                         [a.payer_balance_after for a in answers])
+        self.assertEqual(self.store.balance(B).balance, sum(1 + i % 3 for i in range(count)))
+        self.assertEqual(self.store.run_conflicts, 0)
+        self.assertTrue(self.store.audit().ok)
 
     def test_lookups_find_each_distinct_value_once(self):
         for number in (A, B):

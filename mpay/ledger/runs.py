@@ -95,6 +95,10 @@ def decide(ops: Sequence[tuple], accounts: dict[str, list], taken: dict[str, Any
     return plan, rows
 
 
+_new_tuple = tuple.__new__  # a NamedTuple's own __new__ is a Python function: twice the cost
+assert TransferResult._fields[-1] == "detail" and len(TransferResult._fields) == 8
+
+
 def results(plan: list, rows: list[JournalRow], ids: Sequence[int]) -> list[TransferResult]:
     """The plan's answers, now that the journal rows have their ids."""
     assert len(ids) == len(rows), (len(ids), len(rows))
@@ -107,8 +111,8 @@ def results(plan: list, rows: list[JournalRow], ids: Sequence[int]) -> list[Tran
         if type(entry) is tuple:
             outcome, entry = Outcome.DUPLICATE, entry[1]
         payer, payee, amount, _, _, _, _, payer_after, _, created = rows[entry]
-        answers.append(TransferResult(outcome, ids[entry], payer, payee, amount, payer_after,
-                                      created))
+        answers.append(_new_tuple(TransferResult, (outcome, ids[entry], payer, payee, amount,
+                                                   payer_after, created, "")))
     return answers
 
 
