@@ -9,7 +9,7 @@ one batch, costs a handful for all of them::
     SELECT the accounts it names        (locked: see below)
     SELECT the journal rows of its idempotency keys
     ... decide every transfer in order, in memory, by the careful path's rules ...
-    INSERT the journal rows             (one executemany)
+    INSERT the journal rows             (multi-row INSERTs; PostgreSQL: one pipeline)
     UPDATE each touched account once    (one executemany, compare-and-set)
 
 This is sound because nobody else can change those rows while the run holds
