@@ -9,7 +9,7 @@ one batch, costs a handful for all of them::
     SELECT the accounts it names        (locked: see below)
     SELECT the journal rows of its idempotency keys
     ... decide every transfer in order, in memory, by the careful path's rules ...
-    INSERT the journal rows             (one executemany)
+    INSERT the journal rows             (multi-row INSERTs; PostgreSQL: one pipeline)
     UPDATE each touched account once    (one executemany, compare-and-set)
 
 This is sound because nobody else can change those rows while the run holds
@@ -95,6 +95,10 @@ def decide(ops: Sequence[tuple], accounts: dict[str, list], taken: dict[str, Any
     return plan, rows
 
 
+_new_tuple = tuple.__new__  # a NamedTuple's own __new__ is a Python function: twice the cost
+assert TransferResult._fields[-1] == "detail" and len(TransferResult._fields) == 8
+
+
 def results(plan: list, rows: list[JournalRow], ids: Sequence[int]) -> list[TransferResult]:
     """The plan's answers, now that the journal rows have their ids."""
     assert len(ids) == len(rows), (len(ids), len(rows))
@@ -107,8 +111,8 @@ def results(plan: list, rows: list[JournalRow], ids: Sequence[int]) -> list[Tran
         if type(entry) is tuple:
             outcome, entry = Outcome.DUPLICATE, entry[1]
         payer, payee, amount, _, _, _, _, payer_after, _, created = rows[entry]
-        answers.append(TransferResult(outcome, ids[entry], payer, payee, amount, payer_after,
-                                      created))
+        answers.append(_new_tuple(TransferResult, (outcome, ids[entry], payer, payee, amount,
+                                                   payer_after, created, "")))
     return answers
 
 

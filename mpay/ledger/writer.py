@@ -224,8 +224,8 @@ class GroupCommitWriter:
         self.batches += 1
         self.operations += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
+        self._pending -= len(batch)
         for (deferred, name, _), result in zip(batch, results):
-            self._pending -= 1
             if isinstance(result, BaseException):
                 if not isinstance(result, (LedgerError, ValueError)):
                     log.failure("ledger operation {op} failed", Failure(result), op=name)
