@@ -1,9 +1,13 @@
 """The common receive path of the AS and PS: what every input gets back."""
 
+import errno
+
+from twisted.internet.error import InvalidAddressError
 from twisted.trial import unittest
 
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.message import Request
+from mpay.sip.transport import checked_writer
 
 from tests.support import ClockWheel, Wire, request_bytes
 
@@ -114,3 +118,69 @@ class EndpointTests(unittest.TestCase):
         self.endpoint.write = refuse
         self.endpoint.datagram_received(request_bytes("OPTIONS"), SOURCE)
         self.assertEqual(self.endpoint.send_errors, 1)
+
+
+class CheckedWriterTests(unittest.TestCase):
+    """The UDP sender checks a destination's address once, then uses sendto directly."""
+
+    class Port:
+        def __init__(self):
+            self.sent: list[tuple[str, bytes, tuple]] = []
+            self.socket = self
+            self.fail: OSError | None = None
+
+        def write(self, data, addr):
+            if not addr[0][0].isdigit():
+                raise InvalidAddressError(addr[0], "not an IP address")
+            self.sent.append(("write", data, addr))
+
+        def sendto(self, data, addr):
+            if self.fail is not None:
+                raise self.fail
+            self.sent.append(("sendto", data, addr))
+
+    def test_first_datagram_is_checked_then_sent_directly(self):
+        port = self.Port()
+        send = checked_writer(port)
+        send(b"a", ("127.0.0.1", 5060))
+        send(b"b", ("127.0.0.1", 5061))
+        self.assertEqual([how for how, _, _ in port.sent], ["write", "sendto"])
+
+    def test_a_name_is_refused_every_time(self):
+        send = checked_writer(self.Port())
+        for _ in range(2):
+            self.assertRaises(InvalidAddressError, send, b"a", ("ps.example", 5060))
+
+    def test_errors_as_twisted_handles_them(self):
+        port = self.Port()
+        send = checked_writer(port)
+        send(b"a", ("127.0.0.1", 5060))
+        port.fail = OSError(errno.ECONNREFUSED, "refused")
+        send(b"b", ("127.0.0.1", 5060))                      # dropped, as Twisted does
+        port.fail = OSError(errno.EMSGSIZE, "too long")
+        send(b"c", ("127.0.0.1", 5060))                      # Twisted's write decides
+        self.assertEqual([how for how, _, _ in port.sent], ["write", "write"])
+        port.fail = OSError(errno.ENOBUFS, "full")
+        self.assertRaises(OSError, send, b"d", ("127.0.0.1", 5060))
+
+    def test_real_datagrams_arrive(self):
+        from twisted.internet import defer, reactor
+        from twisted.internet.protocol import DatagramProtocol
+
+        got: list[bytes] = []
+        done = defer.Deferred()
+
+        class Receiver(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                got.append(data)
+                if len(got) == 2:
+                    done.callback(None)
+
+        receiver = reactor.listenUDP(0, Receiver(), interface="127.0.0.1")
+        sender = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(receiver.stopListening)
+        self.addCleanup(sender.stopListening)
+        send = checked_writer(sender)
+        for data in (b"one", b"two"):
+            send(data, ("127.0.0.1", receiver.getHost().port))
+        return done.addCallback(lambda _: self.assertEqual(got, [b"one", b"two"]))
