@@ -105,6 +105,21 @@ class LinkTests(unittest.TestCase):
         self.assertEqual(results, [True, False])
         self.assertEqual(self.checks.restarts, 1)
 
+    def test_a_child_that_dies_starting_is_started_again_later_each_time(self):
+        spawned, lost_at = [], []
+        self.checks._spawn = lambda: spawned.append(self.clock.seconds())
+        for _ in range(3):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(theirs.close)
+            link = sigs._ChildLink(self.checks, ours)
+            self.checks._link = link                      # started, never ready
+            lost_at.append(self.clock.seconds())
+            self.checks.lost(link, "exited 1")
+            self.clock.pump([1.0] * int(sigs.MAX_RESTART_DELAY_S))
+        self.assertEqual([b - a for a, b in zip(lost_at, spawned)], [2.0, 4.0, 8.0])
+        self.checks.became_ready()                        # one came up: back to the start
+        self.assertEqual(self.checks._delay_s, sigs.RESTART_DELAY_S)
+
     def test_a_hung_child_is_given_up_on(self):
         results = []
         self.checks.check(*signed()).addCallback(results.append)

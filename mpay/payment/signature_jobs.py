@@ -19,7 +19,8 @@ import struct
 
 from mpay.payment import receipt as receipts
 
-JOB = struct.Struct(">I32s64s32s")
+PUBLIC_KEY_BYTES, SIGNATURE_BYTES, DIGEST_BYTES = 32, 64, 32      # Ed25519; SHA-256
+JOB = struct.Struct(f">I{PUBLIC_KEY_BYTES}s{SIGNATURE_BYTES}s{DIGEST_BYTES}s")
 ANSWER = struct.Struct(">IB")
 READY_SEQ = 0xFFFFFFFF
 READ_BYTES = 256 * 1024

@@ -32,11 +32,14 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mpay.payment.signature_jobs import ANSWER, JOB, READ_BYTES, READY_SEQ, verifies
+from mpay.payment.signature_jobs import (
+    ANSWER, DIGEST_BYTES, JOB, PUBLIC_KEY_BYTES, READ_BYTES, READY_SEQ, SIGNATURE_BYTES, verifies,
+)
 
 SEQ_MODULUS = READY_SEQ           # sequence numbers wrap below READY_SEQ
 MAX_IN_FLIGHT_CHECKS = 20_000     # past this the checks are made in the PS (the child lags)
-RESTART_DELAY_S = 1.0
+RESTART_DELAY_S = 1.0             # doubled after each child that never became ready
+MAX_RESTART_DELAY_S = 60.0
 STOP_GRACE_S = 2.0                # then the child is killed
 STALL_S = 2.0                     # a check unanswered this long: the child is hung
 CHILD_MODULE = "mpay.payment.signature_jobs"
@@ -52,6 +55,7 @@ class SignatureChecks:
         self.reactor = reactor
         self.use_child = use_child
         self.restart_delay_s = restart_delay_s
+        self._delay_s = restart_delay_s
         self.in_child = self.inline = self.restarts = 0
         self.running = False
         self._link: _ChildLink | None = None
@@ -61,7 +65,8 @@ class SignatureChecks:
     def check(self, public: bytes, digest: bytes, signature: bytes) -> defer.Deferred:
         link = self._link
         if (link is None or not link.ready or len(link.waiting) >= MAX_IN_FLIGHT_CHECKS
-                or len(public) != 32 or len(signature) != 64 or len(digest) != 32):
+                or len(public) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES
+                or len(digest) != DIGEST_BYTES):
             self.inline += 1
             return defer.succeed(verifies(public, digest, signature))
         self.in_child += 1
@@ -106,6 +111,7 @@ class SignatureChecks:
         except Exception:
             self.log.failure("ps: the signature process did not start; checking here")
             parent.close()
+            self._again()
             return
         finally:
             child.close()
@@ -122,9 +128,18 @@ class SignatureChecks:
         link.close()
         if self.running:
             self.restarts += 1
+            if not link.was_ready:      # it died starting: the next one may too, wait longer
+                self._delay_s = min(2 * self._delay_s, MAX_RESTART_DELAY_S)
             self.log.warn("ps: the signature process stopped ({why}); checking here, and "
-                          "starting it again in {delay} s", why=why, delay=self.restart_delay_s)
-            self._restart = self.reactor.callLater(self.restart_delay_s, self._spawn)
+                          "starting it again in {delay} s", why=why, delay=self._delay_s)
+            self._again()
+
+    def _again(self) -> None:
+        if self.running:
+            self._restart = self.reactor.callLater(self._delay_s, self._spawn)
+
+    def became_ready(self) -> None:
+        self._delay_s = self.restart_delay_s
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -135,7 +150,7 @@ class _ChildLink:
     def __init__(self, owner: SignatureChecks, sock: socket.socket):
         sock.setblocking(False)
         self.owner, self.sock, self.reactor = owner, sock, owner.reactor
-        self.ready = self.closed = False
+        self.ready = self.was_ready = self.closed = False
         self.process: Any = None
         self.ended = defer.Deferred()           # the child was reaped
         self.waiting: collections.deque = collections.deque()
@@ -208,7 +223,8 @@ class _ChildLink:
             if self.closed:
                 return
             if seq == READY_SEQ:
-                self.ready = True
+                self.ready = self.was_ready = True
+                self.owner.became_ready()
             elif waiting and waiting[0][0] == seq:
                 waiting.popleft()[1].callback(ok == 1)
             else:
