@@ -66,23 +66,24 @@ class LinkTests(unittest.TestCase):
         self.link.ready = True
 
     def jobs(self) -> list[tuple]:
-        self.clock.advance(0)                 # the flush, once per reactor turn
         return list(jobs.JOB.iter_unpack(self.child.recv(1 << 16)))
 
     def answer(self, *pairs) -> None:
         self.child.sendall(b"".join(jobs.ANSWER.pack(seq, ok) for seq, ok in pairs))
         self.link.doRead()
 
-    def test_one_write_per_turn_and_answers_fire_in_order(self):
+    def test_jobs_wait_for_the_answers_to_the_last_write_and_fire_in_order(self):
         good, bad = signed(), signed()
         results = []
-        self.checks.check(*good).addCallback(results.append)
+        self.checks.check(*good).addCallback(results.append)      # the child is idle: now
         self.checks.check(good[0], good[1], bad[2]).addCallback(results.append)
-        sent = self.jobs()
-        self.assertEqual([(seq, public) for seq, public, _, _ in sent], [(0, good[0]), (1, good[0])])
-        self.answer((0, 1), (1, 0))
-        self.assertEqual(results, [True, False])
-        self.assertEqual((self.checks.in_child, self.checks.inline), (2, 0))
+        self.checks.check(*good).addCallback(results.append)
+        self.assertEqual([(seq, public) for seq, public, _, _ in self.jobs()], [(0, good[0])])
+        self.answer((0, 1))
+        self.assertEqual([seq for seq, _, _, _ in self.jobs()], [1, 2], "one write for both")
+        self.answer((1, 0), (2, 1))
+        self.assertEqual(results, [True, False, True])
+        self.assertEqual((self.checks.in_child, self.checks.inline), (3, 0))
 
     def test_out_of_order_answer_checks_here_and_restarts(self):
         good = signed()

@@ -3,8 +3,8 @@
 An Ed25519 verify is the largest single cost of a credit transfer (some 55 us
 of the reactor's 450), and it is plain computation on public data: the
 payer's enrolled public key, the request digest, the signature.  So the PS
-hands it to a child process over a socket, every check of a reactor turn in
-one write, and goes on; the child answers in order.  A thread cannot do this
+hands it to a child process over a socket, many checks to a write, and goes
+on; the child answers in order.  A thread cannot do this
 in CPython: each verify must take the GIL back from the busy reactor, and the
 hand-offs cost more than the verify (README, "tried and not kept").
 
@@ -144,8 +144,14 @@ class SignatureChecks:
 
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _ChildLink:
-    """This end of the socket, read and written by the reactor directly: jobs out (one
-    write per reactor turn), answers in, in order."""
+    """This end of the socket, read and written by the reactor directly: jobs out, answers
+    in, in order.
+
+    Self-clocked, as Nagle's algorithm: a job goes at once when the child has
+    nothing to answer, else it waits for the answers to the last write and goes
+    with every job that came meanwhile.  Under load one write carries what
+    arrived during a round trip; idle, a check waits for nothing.
+    """
 
     def __init__(self, owner: SignatureChecks, sock: socket.socket):
         sock.setblocking(False)
@@ -154,11 +160,11 @@ class _ChildLink:
         self.process: Any = None
         self.ended = defer.Deferred()           # the child was reaped
         self.waiting: collections.deque = collections.deque()
-        self._jobs: list[bytes] = []
+        self._jobs: list[bytes] = []            # not yet written
+        self._outstanding = 0                   # written, not yet answered
         self._unsent = b""
         self._left = b""
         self._seq = 0
-        self._flush: Any = None
 
     def fileno(self) -> int:
         return -1 if self.closed else self.sock.fileno()
@@ -172,15 +178,15 @@ class _ChildLink:
         answered = defer.Deferred()
         self.waiting.append((seq, answered, public, digest, signature, self.reactor.seconds()))
         self._jobs.append(JOB.pack(seq, public, signature, digest))
-        if self._flush is None:
-            self._flush = self.reactor.callLater(0, self.flush)
+        if self._outstanding == 0:
+            self.flush()
         return answered
 
     def flush(self) -> None:
-        self._flush = None
         if self.closed or not self._jobs:
             return
         data = b"".join(self._jobs)
+        self._outstanding += len(self._jobs)
         self._jobs.clear()
         if self._unsent:                        # the socket is full: doWrite goes on
             self._unsent += data
@@ -225,11 +231,14 @@ class _ChildLink:
             if seq == READY_SEQ:
                 self.ready = self.was_ready = True
                 self.owner.became_ready()
-            elif waiting and waiting[0][0] == seq:
+            elif self._outstanding and waiting[0][0] == seq:
+                self._outstanding -= 1
                 waiting.popleft()[1].callback(ok == 1)
             else:
                 self.owner.lost(self, f"an answer out of order (seq {seq})")
                 return
+        if self._outstanding == 0:
+            self.flush()
 
     def connectionLost(self, reason: Any) -> None:
         self.owner.lost(self, reason.getErrorMessage())
@@ -239,6 +248,7 @@ class _ChildLink:
         pending = list(self.waiting)
         self.waiting.clear()
         self._jobs.clear()
+        self._outstanding = 0
         for _, answered, public, digest, signature, _ in pending:
             answered.callback(verifies(public, digest, signature))
         return len(pending)
@@ -250,8 +260,6 @@ class _ChildLink:
             self.reactor.removeWriter(self)
             self.closed = True
             self.sock.close()
-            if self._flush is not None and self._flush.active():
-                self._flush.cancel()
             if self.process is None:            # never started: nothing to reap
                 self.ended.callback(None)
             elif not self.ended.called:
