@@ -37,7 +37,7 @@ from mpay.load.server import (
     REPO, SINGLE_NAME, cpu_used, processes_cpu_s, run_admin, tree_cpu_s, worker_names,
 )
 from mpay.load.stats import Outcome, RunStats
-from mpay.load.worker import LEAN, STACK, cpu_s
+from mpay.load.worker import LEAN, cpu_s
 
 DEFAULT_COUNT_PER_RATE = 1_000
 DEFAULT_PAYERS = 8
@@ -95,7 +95,7 @@ class LoadSettings:
     workers: int = DEFAULT_WORKERS
     timeout_s: float = RESPONSE_TIMEOUT_S
     min_seconds: float = 0.0         # each rate runs at least this long (more than ``count``)
-    generator: str = STACK           # the load generator: the SIP stack, or lean (bytes)
+    generator: str = LEAN            # the load generator: lean (bytes), or the SIP stack
 
     def count_for(self, rate_per_min: float) -> int:
         """Requests for *rate_per_min*: ``count``, or more to keep it up ``min_seconds``."""
