@@ -160,6 +160,13 @@ class BoundedRedisTests(unittest.TestCase):
         self.failureResultOf(result, defer.TimeoutError)
         self.assertEqual(self.redis.timeouts, 1)
 
+    def test_a_caller_that_cancels_gets_its_cancel_not_a_timeout(self):
+        result = self.redis.get("k")
+        result.cancel()
+        self.failureResultOf(result, defer.CancelledError)
+        self.assertEqual(self.redis.timeouts, 0)
+        self.assertEqual(self.reactor.calls, [], "the bound's timer went with it")
+
     def test_a_reply_in_time_leaves_no_timer_behind(self):
         result = self.redis.get("k")
         self.pending.callback("v")

@@ -160,6 +160,7 @@ class BoundedRedis:
             def give_up() -> None:
                 if not result.called:
                     self.timeouts += 1
+                    timed_out[0] = True
                     result.cancel()
 
             def expired() -> None:
@@ -168,6 +169,7 @@ class BoundedRedis:
                 waiting[0] = reactor.callLater(0, give_up)
 
             waiting = [reactor.callLater(self.timeout_s, expired)]
+            timed_out = [False]
 
             def settled(outcome):
                 if waiting[0].active():
@@ -176,6 +178,8 @@ class BoundedRedis:
 
             def cancelled(failure):
                 failure.trap(defer.CancelledError)
+                if not timed_out[0]:        # the caller's own cancel is not a timeout
+                    return failure
                 raise defer.TimeoutError(f"Redis gave no answer in {self.timeout_s} s")
 
             return result.addBoth(settled).addErrback(cancelled)
