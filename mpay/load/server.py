@@ -25,6 +25,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
 from mpay.load.books import LedgerRef
+from mpay.payment.signatures import CHILD_MODULE
 from mpay.sip.message import Response, parse
 from mpay.sip.useragent import build_request, new_call_id
 
@@ -134,13 +135,11 @@ def cpu_used(before: dict[int, float], after: dict[int, float]) -> dict[int, flo
     return {pid: after[pid] - before.get(pid, 0.0) for pid in after}
 
 
-SIGNATURE_MODULE = "mpay.payment.signature_jobs"
-
-
 def worker_names(root: int, pids: list[int], proc: str = PROC) -> dict[int, str]:
     """Each of *pids* by its PS name: a child's ``ps.instance_id`` from its command line;
     *root*, whose name is not on its command line, ``ps1`` beside such children, else ``ps``."""
     names = {}
+    workers = False
     for pid in pids:
         try:
             with open(f"{proc}/{pid}/cmdline", "rb") as cmdline:
@@ -150,13 +149,12 @@ def worker_names(root: int, pids: list[int], proc: str = PROC) -> dict[int, str]
         named = [arg[len(INSTANCE_SETTING):] for arg in args if arg.startswith(INSTANCE_SETTING)]
         if named:
             names[pid] = named[-1]
-        elif SIGNATURE_MODULE in args:      # a PS's child that checks payer signatures
+            workers = workers or pid != root
+        elif CHILD_MODULE in args:      # a PS's child that checks payer signatures
             names[pid] = f"signatures{pid}"
         else:
             names[pid] = f"pid{pid}"
     if root in names:
-        workers = any(name != f"pid{pid}" and not name.startswith("signatures")
-                      for pid, name in names.items() if pid != root)
         names[root] = WORKER_ONE_NAME if workers else SINGLE_NAME
     return names
 

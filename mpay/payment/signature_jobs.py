@@ -13,14 +13,19 @@ The child writes one answer with seq ``READY_SEQ`` when it can take jobs.
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import socket
 import struct
 
+from mpay.auth.crypto import ED25519_PUBLIC_BYTES, ED25519_SIGNATURE_BYTES
 from mpay.payment import receipt as receipts
 
-PUBLIC_KEY_BYTES, SIGNATURE_BYTES, DIGEST_BYTES = 32, 64, 32      # Ed25519; SHA-256
-JOB = struct.Struct(f">I{PUBLIC_KEY_BYTES}s{SIGNATURE_BYTES}s{DIGEST_BYTES}s")
+# The request digest's size (SHA-256), not imported from tickets.py: that would bring
+# libphonenumber into the child's start (signatures.py checks the two agree).
+DIGEST_BYTES = hashlib.sha256().digest_size
+
+JOB = struct.Struct(f">I{ED25519_PUBLIC_BYTES}s{ED25519_SIGNATURE_BYTES}s{DIGEST_BYTES}s")
 ANSWER = struct.Struct(">IB")
 READY_SEQ = 0xFFFFFFFF
 READ_BYTES = 256 * 1024

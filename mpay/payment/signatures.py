@@ -24,7 +24,7 @@ import collections
 import os
 import socket
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from twisted.application import service
 from twisted.internet import defer, protocol, task
@@ -32,9 +32,13 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mpay.auth import tickets
+from mpay.auth.crypto import ED25519_PUBLIC_BYTES, ED25519_SIGNATURE_BYTES
 from mpay.payment.signature_jobs import (
-    ANSWER, DIGEST_BYTES, JOB, PUBLIC_KEY_BYTES, READ_BYTES, READY_SEQ, SIGNATURE_BYTES, verifies,
+    ANSWER, DIGEST_BYTES, JOB, READ_BYTES, READY_SEQ, verifies,
 )
+
+assert DIGEST_BYTES == tickets.DIGEST_BYTES, "the child's records carry the request digest"
 
 SEQ_MODULUS = READY_SEQ           # sequence numbers wrap below READY_SEQ
 MAX_IN_FLIGHT_CHECKS = 20_000     # past this the checks are made in the PS (the child lags)
@@ -43,6 +47,15 @@ MAX_RESTART_DELAY_S = 60.0
 STOP_GRACE_S = 2.0                # then the child is killed
 STALL_S = 2.0                     # a check unanswered this long: the child is hung
 CHILD_MODULE = "mpay.payment.signature_jobs"
+
+
+class _Job(NamedTuple):
+    seq: int
+    answered: defer.Deferred
+    public: bytes
+    digest: bytes
+    signature: bytes
+    at: float               # when it was asked (the stall watchdog)
 
 
 class SignatureChecks:
@@ -65,8 +78,8 @@ class SignatureChecks:
     def check(self, public: bytes, digest: bytes, signature: bytes) -> defer.Deferred:
         link = self._link
         if (link is None or not link.ready or len(link.waiting) >= MAX_IN_FLIGHT_CHECKS
-                or len(public) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES
-                or len(digest) != DIGEST_BYTES):
+                or len(public) != ED25519_PUBLIC_BYTES
+                or len(signature) != ED25519_SIGNATURE_BYTES or len(digest) != DIGEST_BYTES):
             self.inline += 1
             return defer.succeed(verifies(public, digest, signature))
         self.in_child += 1
@@ -84,7 +97,7 @@ class SignatureChecks:
         """A child that is alive but answers nothing would hold its transfers forever."""
         link = self._link
         if link is not None and link.waiting and \
-                link.waiting[0][5] < self.reactor.seconds() - STALL_S:
+                link.waiting[0].at < self.reactor.seconds() - STALL_S:
             self.lost(link, f"no answer in {STALL_S} s")
 
     def stop(self) -> defer.Deferred:
@@ -176,7 +189,7 @@ class _ChildLink:
         seq = self._seq
         self._seq = (seq + 1) % SEQ_MODULUS
         answered = defer.Deferred()
-        self.waiting.append((seq, answered, public, digest, signature, self.reactor.seconds()))
+        self.waiting.append(_Job(seq, answered, public, digest, signature, self.reactor.seconds()))
         self._jobs.append(JOB.pack(seq, public, signature, digest))
         if self._outstanding == 0:
             self.flush()
@@ -231,9 +244,9 @@ class _ChildLink:
             if seq == READY_SEQ:
                 self.ready = self.was_ready = True
                 self.owner.became_ready()
-            elif self._outstanding and waiting[0][0] == seq:
+            elif self._outstanding and waiting[0].seq == seq:
                 self._outstanding -= 1
-                waiting.popleft()[1].callback(ok == 1)
+                waiting.popleft().answered.callback(ok == 1)
             else:
                 self.owner.lost(self, f"an answer out of order (seq {seq})")
                 return
@@ -249,8 +262,8 @@ class _ChildLink:
         self.waiting.clear()
         self._jobs.clear()
         self._outstanding = 0
-        for _, answered, public, digest, signature, _ in pending:
-            answered.callback(verifies(public, digest, signature))
+        for job in pending:
+            job.answered.callback(verifies(job.public, job.digest, job.signature))
         return len(pending)
 
     def close(self) -> defer.Deferred:

@@ -65,6 +65,12 @@ _CLASS_REASONS = {1: "Provisional", 2: "Success", 3: "Redirection", 4: "Client E
                   5: "Server Error", 6: "Global Failure"}
 
 
+def refuse_line_break(value: str) -> None:
+    """A value written by code must not smuggle in a header line of its own."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"header value with a line break: {value!r}")
+
+
 class Headers:
     """Ordered, case-insensitive multi-map of header fields; compact names map to long."""
 
@@ -81,8 +87,7 @@ class Headers:
 
     @staticmethod
     def _entries(name: str, value: str) -> list[tuple[str, str, str]]:
-        if "\r" in value or "\n" in value:
-            raise ValueError(f"header value with a line break: {value!r}")
+        refuse_line_break(value)
         key, canonical, is_list = header_name(name)
         if not is_token(canonical):
             raise ValueError(f"bad header name {name!r}")

@@ -11,7 +11,7 @@ import os
 from typing import Iterable
 
 from mpay.sip.headers import MAX_CSEQ, is_token
-from mpay.sip.message import MAGIC_COOKIE, Headers, Request, Via
+from mpay.sip.message import MAGIC_COOKIE, Headers, Request, Via, refuse_line_break
 
 MAX_FORWARDS = 70
 _MAX_FORWARDS_TEXT = str(MAX_FORWARDS)
@@ -82,8 +82,7 @@ def build_request(method: str, uri: str, *, sent_by: tuple[str, int], from_uri: 
         ("cseq", "CSeq", f"{cseq} {method}"),
     ]
     for _, _, value in fields._items:
-        if "\r" in value or "\n" in value:
-            raise ValueError(f"header value with a line break: {value!r}")
+        refuse_line_break(value)
     if contact is not None:
         fields.add("Contact", f"<{contact}>")
     for name, value in headers:
