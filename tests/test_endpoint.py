@@ -127,6 +127,7 @@ class CheckedWriterTests(unittest.TestCase):
         def __init__(self):
             self.sent: list[tuple[str, bytes, tuple]] = []
             self.socket = self
+            self.connected = True
             self.fail: OSError | None = None
 
         def write(self, data, addr):
@@ -162,6 +163,14 @@ class CheckedWriterTests(unittest.TestCase):
         self.assertEqual([how for how, _, _ in port.sent], ["write", "write"])
         port.fail = OSError(errno.ENOBUFS, "full")
         self.assertRaises(OSError, send, b"d", ("127.0.0.1", 5060))
+
+    def test_a_closed_listener_is_a_failed_send_not_a_crash(self):
+        port = self.Port()
+        send = checked_writer(port)
+        send(b"a", ("127.0.0.1", 5060))
+        port.connected = False     # a retransmission timer fired during shutdown
+        self.assertRaises(OSError, send, b"b", ("127.0.0.1", 5060))
+        self.assertEqual(len(port.sent), 1)
 
     def test_real_datagrams_arrive(self):
         from twisted.internet import defer, reactor

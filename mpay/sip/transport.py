@@ -74,6 +74,9 @@ def checked_writer(port: Any):
     write = port.write
 
     def send(datagram: bytes, addr: tuple[str, int]) -> None:
+        if not port.connected:
+            # A timer's retransmission during shutdown: the endpoint counts a failed send.
+            raise ConnectionError("the UDP listener is closed")
         host = addr[0]
         if host not in checked:
             write(datagram, addr)          # refuses what it must; then the host is known
