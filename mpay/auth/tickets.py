@@ -31,6 +31,8 @@ NONCE_BYTES = 16
 DIGEST_BYTES = 32
 MAX_WIRE_CHARS = 1024
 MS_PER_S = 1000
+MAX_OPENING_KEYS = 4096
+"""K_C,PS keys kept ready to open authenticators: one per active device, oldest dropped."""
 
 TICKET_PURPOSE = b"mpay-ticket-v1"
 SESSION_PURPOSE = b"mpay-session-v1"
@@ -254,4 +256,21 @@ def open_authenticator(k_c_ps: bytes, authenticator_b64: str | bytes,
                        purpose: bytes = AUTHENTICATOR_PURPOSE) -> Authenticator:
     """Raises a CryptoError subclass only; checking it is the caller's (or the verifier's)."""
     sealed = decode_b64(authenticator_b64, MAX_WIRE_CHARS)
-    return Authenticator.decode(AeadKey(k_c_ps).open(purpose, sealed))
+    # Only a ticket's K_C,PS is kept: the AS's K (a ticket request) is not worth keeping.
+    key = _opening_key(k_c_ps) if purpose == AUTHENTICATOR_PURPOSE else AeadKey(k_c_ps)
+    return Authenticator.decode(key.open(purpose, sealed))
+
+
+_opening_keys: dict[bytes, AeadKey] = {}
+
+
+def _opening_key(k_c_ps: bytes) -> AeadKey:
+    """The AeadKey of a ticket's K_C,PS, built once per device rather than per request
+    (its AES key schedule and key id were 6 us of each payment).  Opening never
+    counts against a key's seal budget, so sharing one is safe."""
+    key = _opening_keys.get(k_c_ps)
+    if key is None:
+        if len(_opening_keys) >= MAX_OPENING_KEYS:
+            del _opening_keys[next(iter(_opening_keys))]
+        key = _opening_keys[k_c_ps] = AeadKey(k_c_ps)
+    return key
