@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii
+from math import isfinite
 
 from mpay.sip.message import Request
+
+
+def json_scalar(value: object) -> str:
+    """One JSON scalar exactly as ``json.dumps`` writes it (ASCII only).
+
+    The PS's fixed-shape bodies (receipt, notice, result) are formatted from
+    these: a template and seven of these take a third of ``json.dumps``'s
+    time, which builds an encoder and walks the dict on every call.
+    """
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value)
 
 
 def media_type(request: Request) -> str:

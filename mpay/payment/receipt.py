@@ -20,6 +20,7 @@ from mpay.auth.crypto import (
     CryptoError, DecodeError, decode_b64, encode_b64, sign, verify_raw,
     verify_signature,
 )
+from mpay.payment.body import json_scalar
 
 SIGNATURE_HEADER = "Mpay-Signature"
 RECEIPT_HEADER = "Mpay-Receipt"
@@ -42,7 +43,18 @@ class Receipt(NamedTuple):
     digest: str           # base64url of the request digest it answers
 
     def encode(self) -> bytes:
-        return json.dumps(self._asdict(), sort_keys=True, separators=(",", ":")).encode()
+        """Compact JSON with sorted keys, as ``json.dumps(sort_keys=True, separators=(",",
+        ":"))`` writes it (tested): the bytes the PS signs."""
+        return (_RECEIPT_JSON % (
+            json_scalar(self.amount), json_scalar(self.created), json_scalar(self.currency),
+            json_scalar(self.digest), json_scalar(self.journal_id), json_scalar(self.payee),
+            json_scalar(self.payer))).encode()
+
+
+_RECEIPT_JSON = ('{"amount":%s,"created":%s,"currency":%s,"digest":%s,"journal_id":%s,'
+                 '"payee":%s,"payer":%s}')
+assert tuple(sorted(Receipt._fields)) == ("amount", "created", "currency", "digest",
+                                           "journal_id", "payee", "payer")
 
 
 def sign_request(private_key: Any, digest: bytes) -> str:

@@ -22,17 +22,17 @@ payee is told again (devices drop a journal id they have seen).
 from __future__ import annotations
 
 import enum
-import json
 from typing import Any, Callable, NamedTuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mpay import e164
 from mpay.auth.crypto import encode_b64
 from mpay.ledger.api import MAX_AMOUNT_MINOR, Outcome, TransferResult
 from mpay.payment import receipt as receipts
-from mpay.payment.body import json_body
+from mpay.payment.body import json_body, json_scalar
 from mpay.payment.notices import NoticeQueue
 from mpay.payment.signatures import SignatureChecks
 from mpay.sip.stream import address_of
@@ -48,6 +48,10 @@ TRANSFER_TIMER_A_S = 8.0
 MAX_TRANSFER_BODY_BYTES = 1024
 ANONYMOUS_URI = "sip:anonymous@anonymous.invalid"    # RFC 3323
 ANONYMOUS = "anonymous"
+# The bodies as json.dumps writes them (tests/test_bodies.py holds them to it).
+_NOTICE_JSON = ('{"journal_id": %s, "from": %s, "amount": %s, "currency": %s, "created": %s,'
+                ' "receipt": %s}')
+_RESULT_JSON = '{"journal_id": %s, "amount": %s, "balance": %s}'
 
 REFUSALS = {
     Outcome.INSUFFICIENT: (402, "Insufficient Credit"),
@@ -149,84 +153,18 @@ class CreditTransfer:
         self.active: dict[tuple[str, str], TransferFlow] = {}   # live transfers, for the manhole
 
     def __call__(self, txn: ServerTransaction, request: Request) -> None:
-        self.authenticate(txn, request, lambda verified: self._authenticated(txn, request, verified),
+        self.authenticate(txn, request, lambda verified: _Transfer(self, txn, request, verified),
                           idempotent=True)
 
-    def _authenticated(self, txn: ServerTransaction, request: Request, verified: Any) -> None:
-        flow = TransferFlow(verified.number, request.call_id)
-        self.active[(flow.payer, flow.call_id)] = flow
-        work = self._transfer(txn, request, flow, verified.digest)
-
-        def failed(failure):
-            self.log.failure("ps: transfer failed", failure)
-            if not txn.final:
-                txn.respond_with(503, "Ledger Unavailable", headers=[("Retry-After", "5")])
-
-        def forget(_):
-            if self.active.get((flow.payer, flow.call_id)) is flow:
-                del self.active[(flow.payer, flow.call_id)]
-
-        work.addErrback(failed).addBoth(forget)
-
-    def _refuse(self, txn: ServerTransaction, flow: TransferFlow, status: int, reason: str) -> None:
-        flow.advance(TransferState.REFUSED)
-        self.outcomes[reason] = self.outcomes.get(reason, 0) + 1
-        txn.respond_with(status, reason)
-
-    @defer.inlineCallbacks
-    def _transfer(self, txn: ServerTransaction, request: Request, flow: TransferFlow,
-                  digest: bytes):
-        payer = flow.payer
-        try:
-            asked = read_transfer(request, self.currency, self.default_region)
-            signature = receipts.request_signature(request.headers.get(receipts.SIGNATURE_HEADER))
-        except BadTransfer as exc:
-            return self._refuse(txn, flow, 415 if str(exc) == "Not A Transfer" else 400, str(exc))
-        except receipts.ReceiptError as exc:
-            return self._refuse(txn, flow, 403, str(exc))
-        if asked.payee == payer:
-            return self._refuse(txn, flow, 400, "Payer Is Payee")
-        keys = self.device_keys
-        was_cached = keys.cached(payer)
-        refusal = yield self._refusal((yield keys.load(payer)), digest, signature)
-        if refusal and was_cached:      # the device may have enrolled anew: read it again
-            refusal = yield self._refusal((yield keys.reload(payer)), digest, signature)
-        if refusal:
-            return self._refuse(txn, flow, 403, refusal)
-        key = f"{payer}|{request.call_id}|{request.cseq[0]}"
-        result: TransferResult = yield self.ledger.transfer(
-            payer, asked.payee, asked.amount, key, "transfer", reference=request.call_id,
-            payer_signature=signature)
-        if result.outcome in REFUSALS:
-            return self._refuse(txn, flow, *REFUSALS[result.outcome])
-        if not result.ok:
-            return self._refuse(txn, flow, 400, result.detail or "Invalid Transfer")
-        flow.advance(TransferState.COMMITTED)
-        receipt = receipts.Receipt(result.journal_id, payer, result.payee, result.amount,
-                                   self.currency, result.created or 0.0, encode_b64(digest))
-        # A DUPLICATE is the re-sent request of a lost response (or a crash): the money
-        # moved once, and the same receipt is due.  Whether the payee ever heard of it is
-        # not known here, so it is told again (it drops a journal id it has seen): 200
-        # still means "the payee confirmed", never only "committed".
-        signed = receipts.sign_receipt(self.ps_key, receipt)   # once: payer and payee share it
-        status, reason = yield self._notify_payee(flow, receipt, asked.conceal, signed)
-        self._answer(txn, status, reason, signed, result)
-
-    def _refusal(self, record: Any, digest: bytes, signature: bytes) -> defer.Deferred:
+    def refusal(self, record: Any, digest: bytes, signature: bytes) -> defer.Deferred:
         """Fires with why *record*'s key did not sign *digest* (403's reason), or None."""
         if record is None:
             return defer.succeed("Payer Not Enrolled")
         return self.signatures.check(record.device_key, digest, signature).addCallback(
             lambda verifies: None if verifies else "Payer Signature Invalid")
 
-    def _answer(self, txn: ServerTransaction, status: int, reason: str, signed_receipt: str,
-                result: TransferResult) -> None:
+    def count(self, reason: str) -> None:
         self.outcomes[reason] = self.outcomes.get(reason, 0) + 1
-        body = json.dumps({"journal_id": result.journal_id, "amount": result.amount,
-                           "balance": result.payer_balance_after}).encode()
-        txn.respond_with(status, reason, headers=[
-            (receipts.RECEIPT_HEADER, signed_receipt),
-            ("Content-Type", RESULT_CONTENT_TYPE)], body=body)
 
     # -- the payee's notice ----------------------------------------------------
     def notice(self, receipt: receipts.Receipt, conceal: bool, signed: str | None = None) -> bytes:
@@ -238,69 +176,14 @@ class CreditTransfer:
         shown = receipt._replace(payer=ANONYMOUS) if conceal else receipt
         if conceal or signed is None:
             signed = receipts.sign_receipt(self.ps_key, shown)
-        return json.dumps({"journal_id": shown.journal_id, "from": shown.payer,
-                           "amount": shown.amount, "currency": shown.currency,
-                           "created": shown.created, "receipt": signed}).encode()
+        return (_NOTICE_JSON % (
+            json_scalar(shown.journal_id), json_scalar(shown.payer), json_scalar(shown.amount),
+            json_scalar(shown.currency), json_scalar(shown.created), json_scalar(signed))).encode()
 
-    @defer.inlineCallbacks
-    def _notify_payee(self, flow: TransferFlow, receipt: receipts.Receipt, conceal: bool,
-                      signed: str):
-        """(status, reason) for the payer: 200 once the payee confirmed, else 202 once the
-        notice is queued in the ledger (if that fails, the payer's 503 invites a safe re-send)."""
-        payee, journal_id = receipt.payee, receipt.journal_id
-        notice = (ANONYMOUS_URI if conceal else e164.sip_uri(receipt.payer, self.domain),
-                  self.notice(receipt, conceal, signed))
-        try:
-            binding = yield self.locations.lookup(payee)
-        except Exception:
-            # The money has moved; where the payee is cannot be told: like an offline
-            # payee, its notice waits in the ledger for its next REGISTER.
-            self.log.failure("ps: location store failed; the notice for {payee} is queued",
-                             payee=payee)
-            binding = None
-        if binding is None:
-            yield self.notices.push(payee, journal_id, notice)
-            flow.advance(TransferState.QUEUED)
-            return (202, "Payee Offline, Notice Queued")
-        flow.advance(TransferState.WAIT_PAYEE)
-        delivered = self._send_notice(payee, address_of(binding), notice)
-        confirmed = yield self._within_timer_a(delivered)
-        if not confirmed:
-            queued = self.notices.push(payee, journal_id, notice)
-
-            def late(confirmed: bool) -> None:
-                if confirmed:   # after Timer A, but it did arrive: the queued copy may go
-                    queued.addCallback(lambda _: self.notices.discard(payee, journal_id))
-                    queued.addErrback(lambda failure: self.log.failure(
-                        "ps: a confirmed notice stays queued", failure))
-
-            delivered.addCallback(late)
-            yield queued
-        flow.advance(TransferState.CONFIRMED if confirmed else TransferState.QUEUED)
-        return (200, "OK") if confirmed else (202, "Payee Offline, Notice Queued")
-
-    def _within_timer_a(self, delivered: defer.Deferred) -> defer.Deferred:
-        """Fires with *delivered*'s answer, or with False when Timer A runs out first;
-        *delivered* goes on to fire with the payee's answer, however late."""
-        answer: defer.Deferred = defer.Deferred()
-
-        def timer_a() -> None:
-            if not answer.called:
-                answer.callback(False)
-
-        timer = self.timers.start(self.timer_a_s, timer_a)
-
-        def answered(confirmed: bool) -> bool:
-            if not answer.called:
-                timer.cancel()
-                answer.callback(confirmed)
-            return confirmed
-
-        delivered.addCallback(answered)
-        return answer
-
-    def _send_notice(self, payee: str, addr: tuple[str, int], notice: tuple[str, bytes]) -> defer.Deferred:
-        """Fires with True when the payee's device confirmed with a 2xx, else False."""
+    def send_notice(self, payee: str, addr: tuple[str, int], notice: tuple[str, bytes],
+                    settled: Callable[[bool], None]) -> None:
+        """``settled(True)`` when the payee's device confirmed with a 2xx, else ``settled(False)``
+        (a refusal, or no answer by Timer F)."""
         host, port = self.endpoint.sent_by
         from_uri, body = notice
         request = build_request("MESSAGE", f"sip:{payee}@{addr[0]}:{addr[1]}", sent_by=(host, port),
@@ -308,14 +191,19 @@ class CreditTransfer:
                                 call_id=new_call_id(host), cseq=1, body=body,
                                 content_type=NOTICE_CONTENT_TYPE,
                                 branch=self.endpoint.new_branch(), from_tag=self.endpoint.new_tag())
-        sent = self.endpoint.send_request(request, addr)
-        sent.addCallback(lambda response: 200 <= response.status < 300)
+        self.endpoint.start_request(request, addr, lambda response: settled(response.status < 300),
+                                    lambda reason: settled(False))
 
-        def unreachable(failure):
-            failure.trap(SIPTimeout)
-            return False
+    def _notice_sent(self, payee: str, addr: tuple[str, int],
+                     notice: tuple[str, bytes]) -> defer.Deferred:
+        sent: defer.Deferred = defer.Deferred()
 
-        return sent.addErrback(unreachable)
+        def settled(confirmed: bool) -> None:
+            if not sent.called:
+                sent.callback(confirmed)
+
+        self.send_notice(payee, addr, notice, settled)
+        return sent
 
     def deliver_queued(self, number: str, binding: Any) -> defer.Deferred:
         """The payee registered: send what waited for it.  Each notice stays queued until
@@ -328,7 +216,7 @@ class CreditTransfer:
                 def settled(confirmed: bool, journal_id: int = notice.journal_id) -> Any:
                     return self.notices.discard(number, journal_id) if confirmed else None
 
-                sent = self._send_notice(number, addr, (notice.from_uri, notice.body))
+                sent = self._notice_sent(number, addr, (notice.from_uri, notice.body))
                 sends.append(sent.addCallback(settled))
             return defer.gatherResults(sends, consumeErrors=True)
 
@@ -337,3 +225,166 @@ class CreditTransfer:
             "ps: queued notices for {number} not delivered (still queued)", failure,
             number=number))
         return work
+
+
+class _Transfer:
+    """One transfer through Fig 4-3, as plain callbacks: each step starts the next
+    when its Deferred fires; any failure answers 503 (the ledger's idempotency key
+    makes the payer's re-send safe) and ends it."""
+
+    __slots__ = ("owner", "txn", "request", "flow", "digest", "signature", "asked",
+                 "reread", "result", "receipt", "signed", "notice", "timer_a", "queued")
+
+    def __init__(self, owner: CreditTransfer, txn: ServerTransaction, request: Request,
+                 verified: Any):
+        self.owner = owner
+        self.txn = txn
+        self.request = request
+        self.flow = flow = TransferFlow(verified.number, request.call_id)
+        self.digest = verified.digest
+        self.timer_a: Any = None
+        self.queued: defer.Deferred | None = None
+        owner.active[(flow.payer, flow.call_id)] = flow
+        try:
+            self.asked = read_transfer(request, owner.currency, owner.default_region)
+            self.signature = receipts.request_signature(
+                request.headers.get(receipts.SIGNATURE_HEADER))
+        except BadTransfer as exc:
+            self._refuse(415 if str(exc) == "Not A Transfer" else 400, str(exc))
+            return
+        except receipts.ReceiptError as exc:
+            self._refuse(403, str(exc))
+            return
+        if self.asked.payee == flow.payer:
+            self._refuse(400, "Payer Is Payee")
+            return
+        keys = owner.device_keys
+        self.reread = keys.cached(flow.payer)   # a cached key may be stale: read it again once
+        self._then(keys.load(flow.payer), self._key_loaded)
+
+    def _then(self, work: defer.Deferred, step: Callable[[Any], None]) -> None:
+        work.addCallback(step).addErrback(self._failed)
+
+    def _key_loaded(self, record: Any) -> None:
+        self._then(self.owner.refusal(record, self.digest, self.signature), self._key_checked)
+
+    def _key_checked(self, refusal: str | None) -> None:
+        if refusal and self.reread:      # the device may have enrolled anew
+            self.reread = False
+            self._then(self.owner.device_keys.reload(self.flow.payer), self._key_loaded)
+            return
+        if refusal:
+            self._refuse(403, refusal)
+            return
+        request, asked, payer = self.request, self.asked, self.flow.payer
+        key = f"{payer}|{request.call_id}|{request.cseq[0]}"
+        self._then(self.owner.ledger.transfer(
+            payer, asked.payee, asked.amount, key, "transfer", reference=request.call_id,
+            payer_signature=self.signature), self._committed)
+
+    def _committed(self, result: TransferResult) -> None:
+        if result.outcome in REFUSALS:
+            self._refuse(*REFUSALS[result.outcome])
+            return
+        if not result.ok:
+            self._refuse(400, result.detail or "Invalid Transfer")
+            return
+        owner, flow = self.owner, self.flow
+        flow.advance(TransferState.COMMITTED)
+        self.result = result
+        receipt = self.receipt = receipts.Receipt(
+            result.journal_id, flow.payer, result.payee, result.amount, owner.currency,
+            result.created or 0.0, encode_b64(self.digest))
+        # A DUPLICATE is the re-sent request of a lost response (or a crash): the money
+        # moved once, and the same receipt is due.  Whether the payee ever heard of it is
+        # not known here, so it is told again (it drops a journal id it has seen): 200
+        # still means "the payee confirmed", never only "committed".
+        self.signed = receipts.sign_receipt(owner.ps_key, receipt)   # payer and payee share it
+        conceal = self.asked.conceal
+        self.notice = (ANONYMOUS_URI if conceal else e164.sip_uri(receipt.payer, owner.domain),
+                       owner.notice(receipt, conceal, self.signed))
+        self._then(owner.locations.lookup(receipt.payee).addErrback(self._unlocated),
+                   self._located)
+
+    def _unlocated(self, failure: Any) -> None:
+        # The money has moved; where the payee is cannot be told: like an offline
+        # payee, its notice waits in the ledger for its next REGISTER.
+        self.owner.log.failure("ps: location store failed; the notice for {payee} is queued",
+                               failure, payee=self.receipt.payee)
+        return None
+
+    def _located(self, binding: Any) -> None:
+        if binding is None:
+            self._queue_notice()
+            return
+        owner = self.owner
+        self.flow.advance(TransferState.WAIT_PAYEE)
+        self.timer_a = owner.timers.start(owner.timer_a_s, self._timer_a)
+        owner.send_notice(self.receipt.payee, address_of(binding), self.notice, self._settled)
+
+    def _timer_a(self) -> None:
+        self.timer_a = None
+        try:
+            self._queue_notice()
+        except Exception:
+            self._failed(Failure())
+
+    def _settled(self, confirmed: bool) -> None:
+        """The payee's device answered (or Timer F gave up), perhaps after Timer A."""
+        try:
+            self._settle(confirmed)
+        except Exception:
+            self._failed(Failure())
+
+    def _settle(self, confirmed: bool) -> None:
+        if self.timer_a is not None:
+            self.timer_a.cancel()
+            self.timer_a = None
+            if confirmed:
+                self.flow.advance(TransferState.CONFIRMED)
+                self._answer(200, "OK")
+            else:
+                self._queue_notice()
+        elif confirmed and self.queued is not None:
+            # After Timer A, but it did arrive: the queued copy may go.
+            owner, payee, journal_id = self.owner, self.receipt.payee, self.receipt.journal_id
+            self.queued.addCallback(lambda _: owner.notices.discard(payee, journal_id))
+            self.queued.addErrback(lambda failure: owner.log.failure(
+                "ps: a confirmed notice stays queued", failure))
+
+    def _queue_notice(self) -> None:
+        """202 once the notice is on disk; if that fails, the payer's 503 invites a safe re-send."""
+        self.queued = self.owner.notices.push(self.receipt.payee, self.receipt.journal_id,
+                                              self.notice)
+        self._then(self.queued, self._answer_queued)
+
+    def _answer_queued(self, _: Any) -> None:
+        self.flow.advance(TransferState.QUEUED)
+        self._answer(202, "Payee Offline, Notice Queued")
+
+    def _answer(self, status: int, reason: str) -> None:
+        result = self.result
+        self.owner.count(reason)
+        body = (_RESULT_JSON % (json_scalar(result.journal_id), json_scalar(result.amount),
+                                json_scalar(result.payer_balance_after))).encode()
+        self.txn.respond_with(status, reason, headers=[
+            (receipts.RECEIPT_HEADER, self.signed),
+            ("Content-Type", RESULT_CONTENT_TYPE)], body=body)
+        self._forget()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self.flow.advance(TransferState.REFUSED)
+        self.owner.count(reason)
+        self.txn.respond_with(status, reason)
+        self._forget()
+
+    def _failed(self, failure: Any) -> None:
+        self.owner.log.failure("ps: transfer failed", failure)
+        if not self.txn.final:
+            self.txn.respond_with(503, "Ledger Unavailable", headers=[("Retry-After", "5")])
+        self._forget()
+
+    def _forget(self) -> None:
+        active, key = self.owner.active, (self.flow.payer, self.flow.call_id)
+        if active.get(key) is self.flow:
+            del active[key]

@@ -226,20 +226,41 @@ class SIPEndpoint:
         Fails with :class:`SIPTimeout` when the transaction gives up (64 x T1).
         """
         result: defer.Deferred = defer.Deferred()
+
+        def final(response: Any) -> None:
+            if not result.called:
+                result.callback(response)
+
+        def failed(reason: str) -> None:
+            if not result.called:
+                result.errback(SIPTimeout(reason))
+
+        self.start_request(request, addr, final, failed, on_provisional)
+        return result
+
+    def start_request(self, request: Request, addr: Any, on_final: Callable[[Any], None],
+                      on_failed: Callable[[str], None],
+                      on_provisional: Callable[[Any], None] | None = None) -> None:
+        """``send_request`` without a Deferred, for the hot path: *on_final* gets the
+        final response (again for each 2xx copy of an INVITE), *on_failed* the reason
+        the transaction gave up or never started."""
         addr = self.resolve(addr)
         reliable = getattr(addr, "reliable", False)
         if reliable:
             flow = self.live(addr)
             if flow is None and self.connector is not None:   # a device: connect, then send
-                connecting = self.connector(addr)
-                connecting.addCallback(lambda flow: self.send_request(request, flow, on_provisional))
-                connecting.addErrback(lambda failure: failure if failure.check(SIPTimeout) else
-                                      defer.fail(SIPTimeout(f"cannot connect to {addr!r}:"
-                                                            f" {failure.getErrorMessage()}")))
-                return connecting
+                def connected(flow: Any) -> None:
+                    self.start_request(request, flow, on_final, on_failed, on_provisional)
+
+                def unconnected(failure: Any) -> None:
+                    on_failed(failure.getErrorMessage() if failure.check(SIPTimeout) else
+                              f"cannot connect to {addr!r}: {failure.getErrorMessage()}")
+
+                self.connector(addr).addCallback(connected).addErrback(unconnected)
+                return
             if flow is None:   # never over another transport: the device is unreachable
-                return defer.fail(SIPTimeout(f"no {addr.transport} connection to"
-                                             f" {addr[0]}:{addr[1]}"))
+                on_failed(f"no {addr.transport} connection to {addr[0]}:{addr[1]}")
+                return
             via = request.top_via
             if via.transport != flow.transport:   # the transport fills in its Via (18.1.1)
                 via.transport = flow.transport
@@ -248,19 +269,16 @@ class SIPEndpoint:
                 request.set_top_via(via)
             addr = flow
 
-        def on_response(response):
-            if response.status < 200:
-                if on_provisional is not None:
-                    on_provisional(response)
-            elif not result.called:
-                result.callback(response)
+        def on_response(response: Any) -> None:
+            if response.status >= 200:
+                on_final(response)
+            elif on_provisional is not None:
+                on_provisional(response)
 
-        def on_timeout():
-            if not result.called:
-                result.errback(SIPTimeout(f"no answer to {request.method} from {addr[0]}:{addr[1]}"))
+        def on_timeout() -> None:
+            on_failed(f"no answer to {request.method} from {addr[0]}:{addr[1]}")
 
         self.layer.request(request, addr, on_response, on_timeout, reliable=reliable)
-        return result
 
     def _count_response(self, method: str, status: int) -> None:
         self.responses[(method if method in KNOWN_METHODS else "other", status)] += 1
