@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from mpay.sip import headers
 from mpay.sip.headers import KNOWN_NAMES, parse_name_addr, parse_via, split_list
-from mpay.sip.parser import _parse
 from mpay.sip.message import (
     Headers, NameAddr, ParseError, Request, Response, Via, parse,
 )
+from mpay.sip.parser import _parse   # after message, which imports the parser at its end
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sip_corpus")
 SEEDS = [open(os.path.join(CORPUS, kind, name), "rb").read()
@@ -174,3 +175,100 @@ class RoundTripTests(unittest.TestCase):
     def test_contact_lists_split_on_the_right_commas(self, addrs):
         joined = ", ".join(a.to_str() for a in addrs)
         self.assertEqual([parse_name_addr(v) for v in split_list(joined)], addrs)
+
+
+# ------------------------------------------------------------------ the regex fast paths
+def _outcome(parser, value: str):
+    """What a header parser makes of *value*, comparable across parsers."""
+    try:
+        parsed = parser(value)
+    except ParseError as e:
+        return ("error", e.status, e.reason)
+    fields = {name: getattr(parsed, name) for name in parsed.__slots__}
+    return (parsed.to_str(), fields, list(parsed.params.items()))
+
+
+_TOKEN_CHARS = "abcXYZ019-.!%*_+`'~"
+_ODD_CHARS = " \t;,:=<>\"\\/[]@?\x00\x7f\xe9"
+
+
+def _perturbed(draw, parts: dict[str, str], choices: dict[str, st.SearchStrategy]) -> str:
+    """*parts* joined, with at most one of them replaced by a draw from *choices*: one
+    difference at a time is what finds where the fast path and the general one part."""
+    which = draw(st.sampled_from([None, *choices]))
+    if which is not None:
+        parts = {**parts, which: draw(choices[which])}
+    return "".join(parts.values())
+
+
+def _with_odd(alphabet: str, max_size: int = 10):
+    """Text of *alphabet* with one character from outside it somewhere."""
+    return st.tuples(st.text(alphabet, max_size=max_size), st.sampled_from(_ODD_CHARS),
+                     st.integers(0, max_size)).map(lambda t: t[0][:t[2]] + t[1] + t[0][t[2]:])
+
+
+@st.composite
+def plain_vias(draw):
+    """Vias of the shape the fast path reads, and near misses of it."""
+    token = st.text(_TOKEN_CHARS, min_size=1, max_size=16)
+    parts = {"protocol": "SIP/2.0/", "transport": draw(st.sampled_from(["UDP", "TCP", "TLS"])),
+             "sp": " ", "host": draw(st.sampled_from(["127.0.0.1", "ps.example", "a-1.b"])),
+             "colon": ":", "port": str(draw(st.integers(0, 65535))), "branch": ";branch=",
+             "value": draw(token), "tail": draw(st.sampled_from(["", ";rport"]))}
+    return _perturbed(draw, parts, {
+        "protocol": st.sampled_from(["sip/2.0/", "SIP/3.0/", "SIP / 2.0/", "SIP/2.0 /", ""]),
+        "transport": st.sampled_from(["udp", "Tls", "SCTP", "WS", ""]) | _with_odd("UDP"),
+        "sp": st.sampled_from(["", "  ", "\t"]),
+        "host": st.sampled_from(["[::1]", "a..b", "", "h_st", "1.2.3.4.5"]) | _with_odd("ab09-."),
+        "colon": st.sampled_from(["", " : ", "::"]),
+        "port": st.sampled_from(["65536", "99999", "007", "0065535", "", "x", "-1"]),
+        "branch": st.sampled_from([";BRANCH=", "; branch=", ";branch =", ";branch", ";"]),
+        "value": st.just("") | _with_odd(_TOKEN_CHARS),
+        "tail": st.sampled_from([";RPORT", ";rport=5", ";rport;received=1.2.3.4", " ;rport",
+                                 ";", ";rport;", ",SIP/2.0/UDP h"])})
+
+
+@st.composite
+def plain_name_addrs(draw):
+    parts = {"head": "", "open": "<", "scheme": draw(st.sampled_from(["sip", "sips", "tel"])),
+             "rest": draw(st.sampled_from([":+886912000001@mpay.test;user=phone", ":a@b"])),
+             "close": ">", "tag": draw(st.sampled_from(["", ";tag="])), "value": "", "tail": ""}
+    if parts["tag"]:
+        parts["value"] = draw(st.text(_TOKEN_CHARS, min_size=1, max_size=12))
+    return _perturbed(draw, parts, {
+        "head": st.sampled_from([" ", '"Al" ', "Al ", "\t"]),
+        "open": st.sampled_from(["", " <", "<<"]),
+        "scheme": st.sampled_from(["s1+.-", "1sip", "", "s_p"]),
+        "rest": st.sampled_from([":", "", ":a b", ":a>b", ":a<b"]) | _with_odd("ab@:;=?,+", 16),
+        "close": st.sampled_from(["", "> ", ">>"]),
+        "tag": st.sampled_from([";TAG=", "; tag=", ";tag", ";tag==", ";lr;tag="]),
+        "value": _with_odd(_TOKEN_CHARS),
+        "tail": st.sampled_from([";lr", ";TAG=x", " ", ";", ",<sip:b@c>"])})
+
+
+# Pure functions, microseconds each: enough examples that a regex one character too wide
+# is caught (checked by hand with such mutants of both regexes).
+MANY = settings(max_examples=1000, deadline=None)
+
+
+class FastPathTests(unittest.TestCase):
+    """A header the regex reads must come out exactly as the general parser has it."""
+
+    @MANY
+    @given(plain_vias())
+    def test_via_fast_path_is_the_general_parser(self, value):
+        self.assertEqual(_outcome(parse_via, value), _outcome(headers._parse_via, value))
+
+    @MANY
+    @given(plain_name_addrs())
+    def test_name_addr_fast_path_is_the_general_parser(self, value):
+        self.assertEqual(_outcome(parse_name_addr, value),
+                         _outcome(headers._parse_name_addr, value))
+
+    def test_the_common_forms_take_the_fast_path(self):
+        for value in ("SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1;rport",
+                      "SIP/2.0/TLS ps.example:5061;branch=z9hG4bK2"):
+            self.assertIsNotNone(headers._PLAIN_VIA_RE.fullmatch(value), value)
+        for value in ("<sip:+886912000001@mpay.test;user=phone>;tag=debf21a684c0",
+                      "<sip:+886987000001@mpay.test;user=phone>"):
+            self.assertIsNotNone(headers._PLAIN_NAME_ADDR_RE.fullmatch(value), value)

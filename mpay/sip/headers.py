@@ -276,8 +276,26 @@ class Via(_Value):
                 f"{format_params(self.params)}")
 
 
+# The forms nearly every message carries, read by one regex: a match gives exactly
+# what the general parser gives (tests/test_sip_fuzz.py holds the two together).
+_PLAIN_VIA_RE = re.compile(r"SIP/2\.0/(UDP|TCP|TLS) ([A-Za-z0-9\-.]+):([0-9]{1,5});branch="
+                           r"([A-Za-z0-9\-.!%*_+`'~]+)(;rport)?")
+_PLAIN_NAME_ADDR_RE = re.compile(r"<([A-Za-z][A-Za-z0-9+\-.]*:[\x21-\x3d\x3f-\x7e]+)>"
+                                 r"(?:;tag=([A-Za-z0-9\-.!%*_+`'~]+))?")
+
+
 def parse_via(value: str) -> Via:
     """Parse one Via value; LWS around '/', ':', ';' and '=' is allowed (RFC 4475 wsinv)."""
+    plain = _PLAIN_VIA_RE.fullmatch(value)
+    if plain is not None:
+        transport, host, port, branch, rport = plain.groups()
+        if int(port) <= MAX_PORT:
+            params = {"branch": branch, "rport": None} if rport else {"branch": branch}
+            return Via(transport, host, int(port), params, "SIP/2.0")
+    return _parse_via(value)
+
+
+def _parse_via(value: str) -> Via:
     head, semi, rest = value.partition(";")
     name, _, rest_head = head.partition("/")
     version, slash, rest_head = rest_head.partition("/")
@@ -330,6 +348,14 @@ def parse_name_addr(value: str) -> NameAddr:
 
     A bare URI (no <>) may not contain ',' or '?' (RFC 3261 20.10), and none may have
     spaces inside the brackets (RFC 4475 "badaspec")."""
+    plain = _PLAIN_NAME_ADDR_RE.fullmatch(value)
+    if plain is not None:
+        uri, tag = plain.groups()
+        return NameAddr(None, uri, {} if tag is None else {"tag": tag})
+    return _parse_name_addr(value)
+
+
+def _parse_name_addr(value: str) -> NameAddr:
     text = value.strip(" \t")
     if text.startswith('"'):
         display, end = _read_quoted(text, 0)
