@@ -16,6 +16,7 @@ from mpay.sip.headers import KNOWN_NAMES, parse_name_addr, parse_via, split_list
 from mpay.sip.message import (
     Headers, NameAddr, ParseError, Request, Response, Via, parse,
 )
+from mpay.sip import parser
 from mpay.sip.parser import _parse   # after message, which imports the parser at its end
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sip_corpus")
@@ -272,3 +273,18 @@ class FastPathTests(unittest.TestCase):
         for value in ("<sip:+886912000001@mpay.test;user=phone>;tag=debf21a684c0",
                       "<sip:+886987000001@mpay.test;user=phone>"):
             self.assertIsNotNone(headers._PLAIN_NAME_ADDR_RE.fullmatch(value), value)
+
+
+class RememberedNamesTests(unittest.TestCase):
+    """Extension header names are remembered as parsed, but never without bound."""
+
+    def test_many_new_names_never_grow_the_table_past_its_bound_nor_change_a_parse(self):
+        base = (b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+                b"From: <sip:x@y>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: c1\r\nCSeq: 1 OPTIONS\r\n")
+        for i in range(parser.MAX_EXTENSION_NAMES + 50):
+            for spelling in (f"X-Name-{i}", f"x-name-{i} "):
+                message = parse(base + f"{spelling}: v{i}\r\n\r\n".encode())
+                self.assertEqual(message.headers.get(f"X-NAME-{i}"), f"v{i}")
+                self.assertEqual(list(message.headers)[-1], (spelling.rstrip(), f"v{i}"))
+        self.assertLessEqual(len(parser._NAMES), len(KNOWN_NAMES) + parser.MAX_EXTENSION_NAMES)
+        self.assertRaises(ParseError, parse, base + b"Bad Name: v\r\n\r\n")

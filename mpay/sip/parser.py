@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from mpay.sip.headers import (
-    KNOWN_NAMES, URI_RE, ParseError, Via, is_token, parse_cseq, parse_name_addr, parse_via,
+    KNOWN_NAMES, URI_RE, ParseError, is_token, parse_cseq, parse_name_addr, parse_via,
     split_list,
 )
 from mpay.sip.message import (
@@ -26,6 +26,11 @@ _SINGLE = {"from": (400, "Duplicate From"), "to": (400, "Duplicate To"),
            "content-length": (400, "Multiple Content-Length"),
            "max-forwards": (400, "Bad Max-Forwards")}
 _FOLD_RE = re.compile(r"\n[ \t]+")
+MAX_EXTENSION_NAMES = 512
+"""Header names outside KNOWN_NAMES remembered as parsed: the first come, then no more
+(names are chosen by senders, so this must stay bounded)."""
+_NAMES = dict(KNOWN_NAMES)
+_MAX_NAMES = len(_NAMES) + MAX_EXTENSION_NAMES
 
 
 def parse(data: bytes) -> Request | Response:
@@ -117,18 +122,15 @@ def _read_headers(lines: list[str], items: list[tuple[str, str, str]],
     and its line skipped, so a request with one broken header can still be answered."""
     error = None
     append = items.append
-    known = KNOWN_NAMES.get
+    known = _NAMES.get
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         entry = known(name) if colon else None
         if entry is None:
-            name = name.rstrip(" \t")
-            entry = (known(name) or known(name.lower())) if colon else None
+            entry = _name_entry(name) if colon else None
             if entry is None:
-                if not (colon and is_token(name)):
-                    error = error or (400, "Bad header field")
-                    continue
-                entry = (name.lower(), name, False)
+                error = error or (400, "Bad header field")
+                continue
         if len(line) > MAX_HEADER_LINE_BYTES // 4 and _too_long(line):
             error = error or (513, "Header Field Too Large")
             continue
@@ -149,6 +151,20 @@ def _read_headers(lines: list[str], items: list[tuple[str, str, str]],
             else:
                 first[key] = value
     return error
+
+
+def _name_entry(name: str) -> tuple[str, str, bool] | None:
+    """(key, name, is_list) of a header name as written, None if it is no token.  An
+    extension name (the PS's Mpay-Ticket...) is remembered, up to MAX_EXTENSION_NAMES."""
+    stripped = name.rstrip(" \t")
+    entry = KNOWN_NAMES.get(stripped) or KNOWN_NAMES.get(stripped.lower())
+    if entry is None:
+        if not is_token(stripped):
+            return None
+        entry = (stripped.lower(), stripped, False)
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[name] = entry
+    return entry
 
 
 def _too_long(line: str) -> bool:
@@ -176,15 +192,22 @@ def _check(message: Request | Response, body: bytes, vias: list[str],
     for key, title in _MANDATORY.items():
         if key not in first:
             return error or (400, f"Missing {title}")
-    for slot, parser, value, problem in (
-            ("_from", parse_name_addr, first["from"], "Bad From"),
-            ("_to", parse_name_addr, first["to"], "Bad To"),
-            ("_cseq", parse_cseq, first["cseq"], "Bad CSeq"),
-            ("_vias", _parse_vias, vias, "Bad Via")):
-        try:
-            setattr(message, slot, parser(value))
-        except ParseError:
-            error = error or (400, problem)
+    try:
+        message._from = parse_name_addr(first["from"])
+    except ParseError:
+        error = error or (400, "Bad From")
+    try:
+        message._to = parse_name_addr(first["to"])
+    except ParseError:
+        error = error or (400, "Bad To")
+    try:
+        message._cseq = parse_cseq(first["cseq"])
+    except ParseError:
+        error = error or (400, "Bad CSeq")
+    try:
+        message._vias = [parse_via(value) for value in vias]
+    except ParseError:
+        error = error or (400, "Bad Via")
     call_id = first["call-id"]
     if not call_id or " " in call_id or "\t" in call_id:
         error = error or (400, "Bad Call-ID")
@@ -196,10 +219,6 @@ def _check(message: Request | Response, body: bytes, vias: list[str],
         if not (hops.isascii() and hops.isdigit() and len(hops) <= 3) or int(hops) > MAX_FORWARDS:
             error = error or (400, "Bad Max-Forwards")
     return error
-
-
-def _parse_vias(values: list[str]) -> list[Via]:
-    return [parse_via(v) for v in values]
 
 
 def _addressable(request: Request) -> bool:
