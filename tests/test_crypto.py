@@ -289,12 +289,20 @@ class FuzzTests(unittest.TestCase):
     ring = KeyRing.generate()
 
     @FUZZ
-    @given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))
+    @given(st.one_of(st.text(max_size=200), st.binary(max_size=200),
+                     st.text("AQgwEIMB-_+/=xyz09 ", max_size=12)))
     def test_decode_b64(self, text):
+        """Canonical: whatever decodes is exactly what encode_b64 writes for it."""
         try:
-            crypto.decode_b64(text, 150)
+            data = crypto.decode_b64(text, 150)
         except DecodeError:
-            pass
+            return
+        self.assertEqual(crypto.encode_b64(data), text if isinstance(text, str) else text.decode())
+
+    @FUZZ
+    @given(st.binary(max_size=110))
+    def test_encode_b64_decodes(self, data):
+        self.assertEqual(crypto.decode_b64(crypto.encode_b64(data), 150), data)
 
     @FUZZ
     @given(st.binary(max_size=200))
