@@ -25,7 +25,9 @@ class CachedDeviceKeysTests(unittest.TestCase):
         again = yield self.keys.load(NUMBER)
         self.assertEqual((first.device_key, again.device_key), (b"1" * 32, b"1" * 32))
         self.assertEqual((self.keys.hits, self.keys.misses), (1, 1))
+        self.assertEqual(self.keys.cached_record(NUMBER).device_key, b"1" * 32)
         self.clock.advance(30)
+        self.assertIsNone(self.keys.cached_record(NUMBER))     # stale: the caller reads it
         later = yield self.keys.load(NUMBER)
         self.assertEqual(later.device_key, b"2" * 32)
 

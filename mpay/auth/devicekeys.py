@@ -83,10 +83,17 @@ class CachedDeviceKeys:
         self.hits = self.misses = 0
 
     def load(self, number: str) -> defer.Deferred:
-        if self.cached(number):
-            self.hits += 1
-            return defer.succeed(self._cache[number][1])
-        return self.reload(number)
+        record = self.cached_record(number)
+        return self.reload(number) if record is None else defer.succeed(record)
+
+    def cached_record(self, number: str) -> DeviceRecord | None:
+        """The key if it is cached and fresh (counted as a hit), else None: the PS's
+        hot path takes it without a Deferred."""
+        entry = self._cache.get(number)
+        if entry is None or entry[0] <= self.clock():
+            return None
+        self.hits += 1
+        return entry[1]
 
     def reload(self, number: str) -> defer.Deferred:
         """Read *number*'s key from the store, whatever is cached."""

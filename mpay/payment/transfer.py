@@ -156,13 +156,6 @@ class CreditTransfer:
         self.authenticate(txn, request, lambda verified: _Transfer(self, txn, request, verified),
                           idempotent=True)
 
-    def refusal(self, record: Any, digest: bytes, signature: bytes) -> defer.Deferred:
-        """Fires with why *record*'s key did not sign *digest* (403's reason), or None."""
-        if record is None:
-            return defer.succeed("Payer Not Enrolled")
-        return self.signatures.check(record.device_key, digest, signature).addCallback(
-            lambda verifies: None if verifies else "Payer Signature Invalid")
-
     def count(self, reason: str) -> None:
         self.outcomes[reason] = self.outcomes.get(reason, 0) + 1
 
@@ -258,23 +251,33 @@ class _Transfer:
         if self.asked.payee == flow.payer:
             self._refuse(400, "Payer Is Payee")
             return
-        keys = owner.device_keys
-        self.reread = keys.cached(flow.payer)   # a cached key may be stale: read it again once
-        self._then(keys.load(flow.payer), self._key_loaded)
+        record = owner.device_keys.cached_record(flow.payer)
+        self.reread = record is not None     # a cached key may be stale: read it again once
+        if record is None:
+            self._then(owner.device_keys.load(flow.payer), self._key_loaded)
+        else:
+            try:
+                self._key_loaded(record)
+            except Exception:
+                self._failed(Failure())
 
     def _then(self, work: defer.Deferred, step: Callable[[Any], None]) -> None:
         work.addCallback(step).addErrback(self._failed)
 
     def _key_loaded(self, record: Any) -> None:
-        self._then(self.owner.refusal(record, self.digest, self.signature), self._key_checked)
+        if record is None:
+            self._refuse(403, "Payer Not Enrolled")
+            return
+        self._then(self.owner.signatures.check(record.device_key, self.digest, self.signature),
+                   self._signature_checked)
 
-    def _key_checked(self, refusal: str | None) -> None:
-        if refusal and self.reread:      # the device may have enrolled anew
+    def _signature_checked(self, verifies: bool) -> None:
+        if not verifies and self.reread:      # the device may have enrolled anew
             self.reread = False
             self._then(self.owner.device_keys.reload(self.flow.payer), self._key_loaded)
             return
-        if refusal:
-            self._refuse(403, refusal)
+        if not verifies:
+            self._refuse(403, "Payer Signature Invalid")
             return
         request, asked, payer = self.request, self.asked, self.flow.payer
         key = f"{payer}|{request.call_id}|{request.cseq[0]}"
