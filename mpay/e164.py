@@ -32,6 +32,7 @@ NORMALISE_CACHE_ENTRIES = 4096
 # ITU-T E.164: at most 15 digits, country code first (never 0).  [0-9], not
 # \d, which also matches other scripts' digits.
 _E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")
+_NOT_IN_DOMAIN_RE = re.compile(r'[@;:<>"? \t\r\n]')
 # RFC 3966 visual separators, allowed inside a tel: URI's number.
 _VISUAL_SEPARATORS = str.maketrans("", "", "-.()")
 # 00 is the international prefix ITU-T recommends and most countries use; people
@@ -133,7 +134,7 @@ def sip_uri(number: str, domain: str) -> str:
     """The SIP address of an account: ``sip:+886912345678@domain;user=phone``."""
     if not is_e164(number):
         raise InvalidNumber(f"not an E.164 number: {number!r}")
-    if not domain or any(c in domain for c in "@;:<>\"? \t\r\n"):
+    if not domain or _NOT_IN_DOMAIN_RE.search(domain):
         raise ValueError(f"not a SIP domain: {domain!r}")
     return f"sip:{number}@{domain};user=phone"
 
