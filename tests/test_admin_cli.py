@@ -10,7 +10,7 @@ import os
 from twisted.trial import unittest
 
 from mpay.cli.admin import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, main
-from tests.test_ledger import PG_DSN, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import PG_DSN, PostgresBackend, SQLiteBackend
 
 A, B = "+886912000001", "+886912000002"
 

@@ -34,7 +34,7 @@ from mpay.ledger import writer
 from mpay.ledger.api import LedgerBusy, LedgerError, LedgerStopped, Outcome, UnknownAccount
 from mpay.ledger.service import LedgerService
 from mpay.ledger.sqlite import SQLiteStore
-from tests.test_ledger import NOBODY, PUB, REPO, A, B, C, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import NOBODY, PUB, REPO, A, B, C, PostgresBackend, SQLiteBackend
 
 
 class LedgerServiceMixin:

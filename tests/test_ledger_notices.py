@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from mpay.ledger.api import Outcome
 from mpay.ledger.notices import MAX_NOTICE_BYTES, Notice, NoticeQueued
 from mpay.ledger.service import LedgerService
-from tests.test_ledger import A, B, C, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import A, B, C, PostgresBackend, SQLiteBackend
 
 FROM_A = f"sip:{A}@mpay.test;user=phone"
 

@@ -24,7 +24,7 @@ from mpay.ledger.postgres import PostgresStore
 from mpay.ledger.runs import decide, refusal, results
 from mpay.ledger.sqlite import SQLiteStore
 from psycopg import sql as pgsql
-from tests.test_ledger import PG_DSN, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import PG_DSN, PostgresBackend, SQLiteBackend
 
 NOW = 1_700_000_000.0
 FUNDS_MINOR = 1000

@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from mpay.ledger.api import SESSIONS_HOLD_REF, Outcome
 from mpay.ledger.sessions import settlement_key
-from tests.test_ledger import A, B, C, NOBODY, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import A, B, C, NOBODY, PostgresBackend, SQLiteBackend
 
 OWNER = "ps-test"
 DIALOG = '{"merchant": {}, "consumer": {}}'

@@ -20,7 +20,7 @@ from mpay.ledger.api import Outcome
 from mpay.ledger.sqlite import (
     _RUN_ACCOUNTS, _RUN_INSERT, _RUN_KEYS, RUN_INSERT_ROWS, SQLiteStore, _run_insert,
 )
-from tests.test_ledger import SQLiteBackend
+from tests.ledger_backends import SQLiteBackend
 
 A, B = "+886912000001", "+886912000002"
 ROW = (1, A, B, 1, "transfer", "", "k", None, 0, 0, 0.0)

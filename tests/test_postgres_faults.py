@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from mpay.ledger.api import LedgerError
 from mpay.load.backends import POSTGRES, Backends
 from tests.flow import MpayFixture
-from tests.test_ledger import PG_URL
+from tests.ledger_backends import PG_URL
 
 PAYER, PAYEE = "+886912345678", "+886987654321"
 TRANSFERS = 40
