@@ -29,6 +29,12 @@ class TransferTests(unittest.TestCase):
         self.payer, self.payer_wire = yield self.mpay.ready(PAYER)
         self.payee, self.payee_wire = yield self.mpay.ready(PAYEE)
         yield self.ledger.cash_in(PAYER, TOP_UP, f"topup-{PAYER}")
+        self.addCleanup(self.assertNoTransferLeft)     # runs before the fixture stops
+
+    def assertNoTransferLeft(self):
+        """A transfer answered (200, 202, a refusal, a 503) is forgotten: the manhole's
+        list of live transfers holds only those in flight."""
+        self.assertEqual(self.mpay.ps_core.transfer.active, {})
 
     @defer.inlineCallbacks
     def test_devices_are_bound_over_the_transport_they_use(self):
