@@ -101,6 +101,15 @@ class TransferTests(unittest.TestCase):
     def test_credit_transfer_unknown_payee_gets_404(self):
         return self.refused(self.payer.transfer(STRANGER, 100), "404 Unknown Payee")
 
+    @defer.inlineCallbacks
+    def test_a_fault_in_the_ps_is_a_503_that_moves_nothing(self):
+        def broken(number):
+            raise RuntimeError("a bug")
+
+        self.patch(self.mpay.ps_core.transfer.device_keys, "cached_record", broken)
+        yield self.refused(self.payer.transfer(PAYEE, 100), "503 Ledger Unavailable")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_credit_transfer_short_balance_gets_402(self):
         return self.refused(self.payer.transfer(PAYEE, TOP_UP + 1), "402 Insufficient Credit")
 

@@ -239,6 +239,13 @@ class _Transfer:
         self.queued: defer.Deferred | None = None
         owner.active[(flow.payer, flow.call_id)] = flow
         try:
+            self._start()
+        except Exception:
+            self._failed(Failure())
+
+    def _start(self) -> None:
+        owner, request, flow = self.owner, self.request, self.flow
+        try:
             self.asked = read_transfer(request, owner.currency, owner.default_region)
             self.signature = receipts.request_signature(
                 request.headers.get(receipts.SIGNATURE_HEADER))
@@ -256,10 +263,7 @@ class _Transfer:
         if record is None:
             self._then(owner.device_keys.load(flow.payer), self._key_loaded)
         else:
-            try:
-                self._key_loaded(record)
-            except Exception:
-                self._failed(Failure())
+            self._key_loaded(record)
 
     def _then(self, work: defer.Deferred, step: Callable[[Any], None]) -> None:
         work.addCallback(step).addErrback(self._failed)
