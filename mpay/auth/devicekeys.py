@@ -89,11 +89,14 @@ class CachedDeviceKeys:
     def cached_record(self, number: str) -> DeviceRecord | None:
         """The key if it is cached and fresh (counted as a hit), else None: the PS's
         hot path takes it without a Deferred."""
+        record = self._fresh(number)
+        if record is not None:
+            self.hits += 1
+        return record
+
+    def _fresh(self, number: str) -> DeviceRecord | None:
         entry = self._cache.get(number)
-        if entry is None or entry[0] <= self.clock():
-            return None
-        self.hits += 1
-        return entry[1]
+        return entry[1] if entry is not None and entry[0] > self.clock() else None
 
     def reload(self, number: str) -> defer.Deferred:
         """Read *number*'s key from the store, whatever is cached."""
@@ -110,5 +113,4 @@ class CachedDeviceKeys:
         return defer.maybeDeferred(self.store.load, number).addCallback(loaded)
 
     def cached(self, number: str) -> bool:
-        entry = self._cache.get(number)
-        return entry is not None and entry[0] > self.clock()
+        return self._fresh(number) is not None

@@ -238,10 +238,7 @@ class _Transfer:
         self.timer_a: Any = None
         self.queued: defer.Deferred | None = None
         owner.active[(flow.payer, flow.call_id)] = flow
-        try:
-            self._start()
-        except Exception:
-            self._failed(Failure())
+        self._safely(self._start)
 
     def _start(self) -> None:
         owner, request, flow = self.owner, self.request, self.flow
@@ -267,6 +264,14 @@ class _Transfer:
 
     def _then(self, work: defer.Deferred, step: Callable[[Any], None]) -> None:
         work.addCallback(step).addErrback(self._failed)
+
+    def _safely(self, step: Callable[..., None], *args: Any) -> None:
+        """*step* called from outside a Deferred (the first step, Timer A, the payee's
+        answer): a failure is handled as ``_then`` handles one."""
+        try:
+            step(*args)
+        except Exception:
+            self._failed(Failure())
 
     def _key_loaded(self, record: Any) -> None:
         if record is None:
@@ -326,24 +331,16 @@ class _Transfer:
             return
         owner = self.owner
         self.flow.advance(TransferState.WAIT_PAYEE)
-        self.timer_a = owner.timers.start(owner.timer_a_s, self._timer_a)
-        owner.send_notice(self.receipt.payee, address_of(binding), self.notice, self._settled)
+        self.timer_a = owner.timers.start(owner.timer_a_s, self._safely, self._timer_a)
+        owner.send_notice(self.receipt.payee, address_of(binding), self.notice,
+                          lambda confirmed: self._safely(self._settled, confirmed))
 
     def _timer_a(self) -> None:
         self.timer_a = None
-        try:
-            self._queue_notice()
-        except Exception:
-            self._failed(Failure())
+        self._queue_notice()
 
     def _settled(self, confirmed: bool) -> None:
         """The payee's device answered (or Timer F gave up), perhaps after Timer A."""
-        try:
-            self._settle(confirmed)
-        except Exception:
-            self._failed(Failure())
-
-    def _settle(self, confirmed: bool) -> None:
         if self.timer_a is not None:
             self.timer_a.cancel()
             self.timer_a = None

@@ -92,6 +92,12 @@ def header_name(name: str) -> tuple[str, str, bool]:
     return entry
 
 
+def token_header_name(name: str) -> tuple[str, str, bool] | None:
+    """``header_name``'s entry, or None when the name to write is no token."""
+    entry = header_name(name)
+    return entry if is_token(entry[1]) else None
+
+
 def is_token(text: str) -> bool:
     """RFC 3261 token: methods, parameter names, header names."""
     return text in _COMMON_TOKENS or _TOKEN_RE.fullmatch(text) is not None

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 from mpay.sip.headers import (
     KNOWN_NAMES, MAGIC_COOKIE, NameAddr, ParseError, Via, header_name, is_token, parse_cseq,
-    parse_name_addr, parse_via, split_list,
+    parse_name_addr, parse_via, split_list, token_header_name,
 )
 from mpay.sip.uri import SipURI, parse_uri
 
@@ -88,11 +88,9 @@ class Headers:
     @staticmethod
     def _entries(name: str, value: str) -> list[tuple[str, str, str]]:
         refuse_line_break(value)
-        entry = KNOWN_NAMES.get(name)        # a known name is a token: no check needed
+        entry = KNOWN_NAMES.get(name) or token_header_name(name)   # known: a token already
         if entry is None:
-            entry = header_name(name)
-            if not is_token(entry[1]):
-                raise ValueError(f"bad header name {name!r}")
+            raise ValueError(f"bad header name {name!r}")
         key, canonical, is_list = entry
         values = split_list(value) if is_list else [value.strip(" \t")]
         return [(key, canonical, v) for v in values]

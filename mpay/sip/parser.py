@@ -13,7 +13,7 @@ import re
 
 from mpay.sip.headers import (
     KNOWN_NAMES, URI_RE, ParseError, is_token, parse_cseq, parse_name_addr, parse_via,
-    split_list,
+    split_list, token_header_name,
 )
 from mpay.sip.message import (
     MAX_CONTENT_LENGTH_DIGITS, MAX_FORWARDS, MAX_HEADER_FIELDS, MAX_HEADER_LINE_BYTES,
@@ -154,15 +154,10 @@ def _read_headers(lines: list[str], items: list[tuple[str, str, str]],
 
 
 def _name_entry(name: str) -> tuple[str, str, bool] | None:
-    """(key, name, is_list) of a header name as written, None if it is no token.  An
-    extension name (the PS's Mpay-Ticket...) is remembered, up to MAX_EXTENSION_NAMES."""
-    stripped = name.rstrip(" \t")
-    entry = KNOWN_NAMES.get(stripped) or KNOWN_NAMES.get(stripped.lower())
-    if entry is None:
-        if not is_token(stripped):
-            return None
-        entry = (stripped.lower(), stripped, False)
-    if len(_NAMES) < _MAX_NAMES:
+    """``token_header_name``, remembered for a name outside KNOWN_NAMES (the PS's
+    Mpay-Ticket...) up to MAX_EXTENSION_NAMES."""
+    entry = token_header_name(name)
+    if entry is not None and len(_NAMES) < _MAX_NAMES:
         _NAMES[name] = entry
     return entry
 
