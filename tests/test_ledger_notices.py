@@ -14,18 +14,14 @@ from twisted.trial import unittest
 from mpay.ledger.api import Outcome
 from mpay.ledger.notices import MAX_NOTICE_BYTES, Notice, NoticeQueued
 from mpay.ledger.service import LedgerService
-from tests.ledger_backends import A, B, C, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import A, B, C, LedgerStoreMixin, PostgresBackend, SQLiteBackend
 
 FROM_A = f"sip:{A}@mpay.test;user=phone"
 
 
-class NoticeRulesMixin:
+class NoticeRulesMixin(LedgerStoreMixin):
     def setUp(self):
         super().setUp()
-        self.store = self.opener()()
-        self.addCleanup(self.store.close)
-        for number in (A, B, C):
-            self.store.open_account(number)
         self.store.cash_in(A, 1_000, "topup")
         self.serial = 0
 

@@ -8,20 +8,15 @@ from twisted.trial import unittest
 
 from mpay.ledger.api import SESSIONS_HOLD_REF, Outcome
 from mpay.ledger.sessions import settlement_key
-from tests.ledger_backends import A, B, C, NOBODY, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import (
+    A, B, C, NOBODY, LedgerStoreMixin, PostgresBackend, SQLiteBackend,
+)
 
 OWNER = "ps-test"
 DIALOG = '{"merchant": {}, "consumer": {}}'
 
 
-class SessionRulesMixin:
-    def setUp(self):
-        super().setUp()
-        self.store = self.opener()()
-        self.addCleanup(self.store.close)
-        for number in (A, B, C):
-            self.store.open_account(number)
-
+class SessionRulesMixin(LedgerStoreMixin):
     def fund(self, number: str, amount: int) -> None:
         self.assertTrue(self.store.cash_in(number, amount, f"fund|{uuid.uuid4()}").ok)
 
