@@ -234,7 +234,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lifetime_s": Key("28800", _positive_int),
         "clock_skew_s": Key("300", _positive_int),
         "check_source_ip": Key("true", _bool),
-        "replay_cache_max_entries": Key("1000000", _positive_int),
+        "replay_cache_max_entries": Key("4000000", _positive_int),
     },
     "callerid": {
         "lines": Key("", _lines),
@@ -269,7 +269,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "t2_ms": Key("4000", _positive_int),
         "t4_ms": Key("5000", _positive_int),
         "udp_rcvbuf_bytes": Key("1048576", _positive_int),
-        "max_transactions": Key("100000", _positive_int),
+        "max_transactions": Key("400000", _positive_int),
         "shed_lag_ms": Key("250", _non_negative_int),
     },
     "timewheel": {"tick_ms": Key("100", _positive_int)},

@@ -29,6 +29,19 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(cfg["sip"]["t1_ms"], 500)
         self.assertEqual(cfg["ps"]["listen"], "udp:5060:interface=127.0.0.1")
 
+    def test_default_bounds_hold_issue_7s_rate_sustained(self):
+        # 3,000 transfers a second for as long as it lasts, with room for twice that:
+        # each request's authenticator is remembered 2 x skew + 1 s, each answered
+        # transaction kept 64 x T1 (Timer J).  A bound under that turns a steady load
+        # into 503s after 32 s or a few minutes.
+        cfg = config.load()
+        rate_per_s = 3_000
+        skew_s = cfg["tickets"]["clock_skew_s"]
+        self.assertGreaterEqual(cfg["tickets"]["replay_cache_max_entries"],
+                                2 * rate_per_s * (2 * skew_s + 1))
+        timer_j_s = 64 * cfg["sip"]["t1_ms"] / 1000
+        self.assertGreaterEqual(cfg["sip"]["max_transactions"], 2 * rate_per_s * timer_j_s)
+
     def test_file_then_overrides(self):
         path = self.write("[sip]\nt1_ms = 250\n[server]\nrole = ps\n")
         cfg = config.load(path, {"server.role": "as"})

@@ -1,5 +1,7 @@
 """RFC 3261 section 17 transactions, walked message by message on a task.Clock."""
 
+import gc
+
 from twisted.trial import unittest
 
 from mpay.sip.message import Response, make_response, parse
@@ -66,10 +68,15 @@ class ServerTransactionTests(unittest.TestCase):
     def test_timer_j_forgets_the_transaction_after_64_t1(self):
         self.layer.receive_request(make_request("OPTIONS"), PEER)
         self.tu.requests[0][0].respond_with(200)
+        self.assertEqual((len(self.layer.server), len(self.layer.completed)), (0, 1),
+                         "answered: kept as data, not as the transaction object")
+        self.assertEqual(self.layer.counts()["server_non_invite"], 1)
         self.time.advance(31.9)
-        self.assertEqual(len(self.layer.server), 1)
+        self.layer.receive_request(make_request("OPTIONS"), PEER)
+        self.assertEqual(len(self.tu.requests), 1, "absorbed until Timer J runs out")
         self.time.advance(0.2)
-        self.assertEqual(len(self.layer.server), 0)
+        self.assertEqual(len(self.layer.completed), 0)
+        self.assertEqual(self.layer.counts()["server_non_invite"], 0)
         # Past Timer J the same request is new again; the ledger's idempotency key covers that.
         self.layer.receive_request(make_request("OPTIONS"), PEER)
         self.assertEqual(len(self.tu.requests), 2)
@@ -106,6 +113,41 @@ class ServerTransactionTests(unittest.TestCase):
         txn.respond_with(500)
         self.assertEqual(self.wire.statuses(), [200])
         self.assertEqual(self.layer.stats["late_responses"], 1)
+
+    def test_completed_transactions_hold_nothing_the_collector_walks(self):
+        for n in range(50):
+            peer = tuple(list(PEER))       # a new address each time, as a socket gives
+            self.layer.receive_request(make_request("MESSAGE", branch=f"z9hG4bK-c{n}"), peer)
+        for txn, _ in self.tu.requests:
+            txn.respond_with(200)
+        self.tu.requests.clear()
+        gc.collect(0)       # the young collection alone must let go of them
+        kept = self.layer.completed._values
+        self.assertEqual(len(kept), 50)
+        self.assertEqual([entry for entry in kept.items() if gc.is_tracked(entry[0])
+                          or gc.is_tracked(entry[1])], [])
+
+    def test_cancel_of_an_answered_request_is_200_and_changes_nothing(self):
+        self.layer.receive_request(make_request("MESSAGE"), PEER)
+        self.tu.requests[0][0].respond_with(200)
+        self.layer.receive_request(make_request("CANCEL"), PEER)
+        self.assertEqual([(m.status, m.cseq[1]) for m in self.wire.messages()],
+                         [(200, "MESSAGE"), (200, "CANCEL")])
+        self.time.advance(33)
+        self.layer.receive_request(make_request("CANCEL", branch="z9hG4bK-test-1", call_id="c2"),
+                                   PEER)
+        self.assertEqual(self.wire.statuses()[-1], 481, "past Timer J nothing matches")
+
+    def test_full_table_counts_completed_transactions(self):
+        layer = TransactionLayer(self.time.wheel, self.wire, self.tu, max_transactions=1)
+        layer.receive_request(make_request("MESSAGE", branch="z9hG4bK-a"), PEER)
+        self.tu.requests[0][0].respond_with(200)
+        layer.receive_request(make_request("MESSAGE", branch="z9hG4bK-b"), PEER)
+        self.assertEqual(len(self.tu.requests), 1)
+        self.assertEqual(self.wire.statuses(), [200, 503])
+        self.time.advance(32.1)
+        layer.receive_request(make_request("MESSAGE", branch="z9hG4bK-b"), PEER)
+        self.assertEqual(len(self.tu.requests), 2, "room again once Timer J ran out")
 
     def test_full_table_answers_503_with_retry_after(self):
         layer = TransactionLayer(self.time.wheel, self.wire, self.tu, max_transactions=1)
@@ -239,7 +281,22 @@ class ClientTransactionTests(unittest.TestCase):
         self.assertEqual(len(self.wire.sent), 1)
         self.assertEqual([r.status for r in self.responses], [202])
         self.assertEqual(self.timeouts, [])
-        self.assertEqual(self.layer.client, {}, "Timer K ended it")
+        self.assertEqual(self.layer.client, {})
+        self.assertEqual(len(self.layer.client_completed), 0, "Timer K ended it")
+
+    def test_timer_k_absorbs_copies_for_t4_then_they_are_strays(self):
+        txn = self.send()
+        request = txn.request
+        self.layer.receive_response(self.reply(request, 200), PEER)
+        self.assertEqual((self.layer.client, len(self.layer.client_completed)), ({}, 1))
+        self.assertEqual(self.layer.counts()["client_non_invite"], 1)
+        self.time.advance(4.9)
+        self.layer.receive_response(self.reply(request, 200), PEER)
+        self.assertEqual(self.layer.stats["retransmissions_absorbed"], 1)
+        self.time.advance(0.2)
+        self.layer.receive_response(self.reply(request, 200), PEER)
+        self.assertEqual(self.layer.stats["stray_responses"], 1)
+        self.assertEqual([r.status for r in self.responses], [200], "delivered once")
 
     def test_provisional_moves_to_t2_interval(self):
         txn = self.send("MESSAGE")

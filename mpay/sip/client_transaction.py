@@ -108,7 +108,9 @@ class ClientTransaction:
                 self.layer.send(self._ack_bytes, self.addr)
                 linger = 0 if self.reliable else max(32.0, 64 * settings.t1_s)  # Timer D
             else:
-                linger = 0 if self.reliable else settings.t4_s  # Timer K
+                linger = 0      # Timer K keeps the key in the layer (linger.py), not this object
+                if not self.reliable:
+                    self.layer._completed_client(self)
             if linger:
                 self._timer = self.layer.timers.start(linger, self._terminate)
         on_response = self.on_response

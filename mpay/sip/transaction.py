@@ -32,11 +32,17 @@ from typing import Any, Callable, Protocol
 
 from mpay.sip import useragent
 from mpay.sip.client_transaction import ClientTransaction
+from mpay.sip.linger import Linger
 from mpay.sip.message import Request, Response, make_response
 from mpay.sip.overload import SHED_RETRY_AFTER_S, OverloadGuard
 from mpay.sip.timing import INVITE_STYLE_METHODS, State, TimerSettings
 
-MAX_TRANSACTIONS = 100_000
+MAX_TRANSACTIONS = 400_000
+"""Transactions one endpoint holds, completed ones included; beyond it, 503.
+
+A non-INVITE one is kept 64 x T1 = 32 s after its answer, so the PS holds
+~96,000 at issue 7's 3,000 transfers a second: this bounds memory (~1 kB
+each when completed) with room for a burst four times that."""
 
 # Retry-After sent with the 503 that protects the transaction table, seconds.
 OVERLOAD_RETRY_AFTER_S = 5
@@ -122,14 +128,13 @@ class ServerTransaction:
         settings = self.layer.settings
         if not self.invite:
             self.state = State.COMPLETED
-            # Timer J keeps the transaction for 32 s only to answer copies from _last_bytes;
-            # what else it holds would be tens of thousands of objects alive under load,
-            # and every full collection walks them all.
-            self.request = self.last_response = self.on_cancel = None
-            # Timer J.  RFC 3261 makes it 0 on a stream, where nothing is retransmitted;
-            # we keep the 64 x T1 of UDP there too, so that a duplicate (a peer's bug, or
-            # a re-send on a new connection) is absorbed, never run twice.
-            self._after(64 * settings.t1_s, self._terminate)
+            # Timer J keeps only the response's bytes, in the layer's linger store: this
+            # object (and the request it holds) is the TU's to drop now (linger.py).
+            # RFC 3261 makes Timer J 0 on a stream, where nothing is retransmitted; we
+            # keep the 64 x T1 of UDP there too, so that a duplicate (a peer's bug, or a
+            # re-send on a new connection) is absorbed, never run twice.
+            self.request = self.last_response = self.on_cancel = self._last_bytes = None
+            self.layer._completed_server(self, data)
         elif status < 300:
             self.state = State.ACCEPTED
             self.layer._accepted[(self.request.call_id, self.request.cseq[0])] = self
@@ -217,6 +222,11 @@ class TransactionLayer:
         self.client: dict[tuple, ClientTransaction] = {}
         self._by_branch: dict[tuple, ServerTransaction] = {}
         self._accepted: dict[tuple, ServerTransaction] = {}
+        # Completed non-INVITE transactions as data (linger.py): Timer J on the server
+        # side, key -> (the final response's bytes, *the address it went to); Timer K
+        # on the client side, key -> None.
+        self.completed = Linger(timers, 64 * settings.t1_s, self._expired_server)
+        self.client_completed = Linger(timers, settings.t4_s) if settings.t4_s > 0 else None
         self.guard: OverloadGuard | None = None   # overload control (overload.py), if any
         self.stats = {
             "retransmissions_absorbed": 0, "responses_resent": 0, "ack_timeouts": 0,
@@ -238,13 +248,19 @@ class TransactionLayer:
             else:
                 txn._retransmit()
             return
+        done = self.completed.get(key)
+        if done is not None:        # a copy of a request already answered: Timer J runs
+            self.stats["retransmissions_absorbed"] += 1
+            self.send(done[0], done[1:] if len(done) > 2 else done[1])
+            self.stats["responses_resent"] += 1
+            return
         if method == "ACK":
             accepted = self._accepted.get((request.call_id, request.cseq[0]))
             if accepted is not None:
                 accepted._ack_2xx()
             self.tu.ack_received(request, addr)
             return
-        full = len(self.server) >= self.max_transactions
+        full = len(self.server) + len(self.completed) >= self.max_transactions
         if full or (self.guard is not None and self.guard.refuses(method)):
             # Stateless: no transaction is made for what is refused (RFC 3261 21.5.4).
             self.stats["overload_refusals"] += 1
@@ -275,11 +291,30 @@ class TransactionLayer:
             cancel_txn.respond_with(481)
             return
         cancel_txn.respond_with(200)
-        if not target.final:
+        if isinstance(target, ServerTransaction) and not target.final:
             if target.on_cancel is not None:
                 target.on_cancel(target)
             else:
                 target.respond_with(487)
+
+    def _completed_server(self, txn: ServerTransaction, data: bytes) -> None:
+        """A non-INVITE answered: from now on its key and its response's bytes are all of it."""
+        key = txn.key
+        del self.server[key]
+        branch = key[:-1]
+        if self._by_branch.get(branch) is txn:
+            self._by_branch[branch] = key    # a CANCEL still matches it (RFC 9.2: 200, no effect)
+        addr = txn.addr
+        # Flattened, a (host, port) leaves a tuple of atoms, which the collector stops
+        # tracking at its first pass; (data, addr) would stay tracked while addr is, and
+        # be walked by every middle collection for 32 s.
+        self.completed.add(key, (data, *addr) if type(addr) is tuple else (data, addr))
+
+    def _expired_server(self, key: tuple, done: tuple) -> None:
+        """Timer J ran out."""
+        branch = key[:-1]
+        if self._by_branch.get(branch) == key:
+            del self._by_branch[branch]
 
     def _forget_server(self, txn: ServerTransaction) -> None:
         self.server.pop(txn.key, None)
@@ -306,13 +341,21 @@ class TransactionLayer:
         key = (via.branch, response.cseq[1])
         txn = self.client.get(key)
         if txn is None:
-            self.stats["stray_responses"] += 1
+            if self.client_completed is not None and key in self.client_completed:
+                self.stats["retransmissions_absorbed"] += 1     # Timer K runs
+            else:
+                self.stats["stray_responses"] += 1
             return
         txn.receive(response)
 
     def _forget_client(self, txn: ClientTransaction) -> None:
         if self.client.get(txn.key) is txn:
             del self.client[txn.key]
+
+    def _completed_client(self, txn: ClientTransaction) -> None:
+        """A non-INVITE answered over UDP: Timer K keeps only its key, to absorb copies."""
+        if self.client_completed is not None and txn.key not in self.client_completed:
+            self.client_completed.add(txn.key, None)
 
     def counts(self) -> dict[str, int]:
         """Live transactions by side and kind, for the metrics page and the manhole."""
@@ -321,4 +364,6 @@ class TransactionLayer:
             out["server_invite" if txn.invite else "server_non_invite"] += 1
         for ctxn in self.client.values():
             out["client_invite" if ctxn.invite else "client_non_invite"] += 1
+        out["server_non_invite"] += len(self.completed)
+        out["client_non_invite"] += len(self.client_completed or ())
         return out
