@@ -79,11 +79,23 @@ class WriterStatementTests(SQLiteBackend, unittest.TestCase):
         for number in (A, B):
             self.store.open_account(number)
         self.assertEqual(self.store.cash_in(A, 5, "k1").outcome, Outcome.COMMITTED)
-        self.assertEqual(sorted(self.store._read_accounts([A, B, "+886912999999"])),
+        self.assertEqual(sorted(map(tuple, self.store._read_accounts([A, B, "+886912999999"]))),
                          [(A, 5, 0, "active"), (B, 0, 0, "active")])
+        self.assertEqual(self.store._read_accounts([]), [])
         [(key, *_)] = self.store._read_keys(["k1", "k2"])
         self.assertEqual(key, "k1")
         self.assertEqual(self.store._read_keys([]), [])
+
+    def test_balances_are_written_in_one_statement_compare_and_set(self):
+        for number in (A, B):
+            self.store.open_account(number)
+        self.store.cash_in(A, 5, "k1")
+        self.store._x("BEGIN IMMEDIATE")
+        # B's expected old balance is wrong: that row is left alone, and the count says so.
+        self.assertEqual(self.store._write_balances([(3, A, 5), (9, B, 1)]), 1)
+        self.assertEqual(self.store._write_balances([]), 0)
+        self.store._x("ROLLBACK")
+        self.assertEqual(self.store.balance(A).balance, 5)
 
 
 class KindCheckMigrationTests(SQLiteBackend, unittest.TestCase):

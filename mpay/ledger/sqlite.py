@@ -14,6 +14,7 @@ import functools
 import os
 import sqlite3
 import time
+from json import JSONDecoder
 from json.encoder import encode_basestring_ascii
 from typing import Callable, Sequence
 
@@ -27,8 +28,8 @@ BUSY_TIMEOUT_S = 5.0
 WAL_RETRY_S = 0.02
 """Pause between two tries to switch a ledger that another process holds to WAL."""
 
-MIN_SQLITE_VERSION = (3, 37, 0)
-"""STRICT tables (3.37) and RETURNING (3.35) are used."""
+MIN_SQLITE_VERSION = (3, 38, 0)
+"""STRICT tables (3.37), RETURNING (3.35), UPDATE FROM (3.33) and ->> (3.38) are used."""
 
 _STATEMENT_CACHE = 256
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
@@ -37,8 +38,12 @@ _READ_BACK = "SELECT balance, held FROM accounts WHERE number = ?"
 # of any length, so each is one cached statement.  A join driven by the array
 # (CROSS JOIN fixes the order) looks each value up in the index; "IN (SELECT ...)"
 # would first copy the array into a temporary b-tree.
-_RUN_ACCOUNTS = ("SELECT a.number, a.balance, a.held, a.status FROM json_each(?) AS v"
-                 " CROSS JOIN accounts AS a ON a.number = v.value")
+# Each row a statement returns is one sqlite3_step, and the sqlite3 module gives up
+# the GIL around every step: on a loaded PS the reactor thread takes it each time,
+# and the writer waits for it back.  So the accounts come back as one row (a JSON
+# array) and the balances go in as one UPDATE, whatever their number.
+_RUN_ACCOUNTS = ("SELECT json_group_array(json_array(a.number, a.balance, a.held, a.status))"
+                 " FROM json_each(?) AS v CROSS JOIN accounts AS a ON a.number = v.value")
 _RUN_KEYS = ("SELECT j.idempotency_key, j.id, j.debit, j.credit, j.amount,"
              " j.debit_balance_after, j.created FROM json_each(?) AS v"
              " CROSS JOIN journal AS j ON j.idempotency_key = v.value")
@@ -60,7 +65,11 @@ def _run_insert(rows: int) -> str:
     return _RUN_INSERT.replace(one, ", ".join([one] * rows))
 
 
-_RUN_BALANCE = "UPDATE accounts SET balance = ? WHERE number = ? AND balance = ?"
+_RUN_BALANCES = ("UPDATE accounts SET balance = v.value ->> 0 FROM json_each(?) AS v"
+                 " WHERE accounts.number = v.value ->> 1 AND accounts.balance = v.value ->> 2")
+
+
+_json_decode = JSONDecoder().decode
 
 
 def _json_strings(values: list[str]) -> str:
@@ -172,8 +181,9 @@ class SQLiteStore(SQLStore):
         return self._x(_READ_BACK, (number,)).fetchone()
 
     # -- a run's statements (runs.py): the write lock is ours, so ids are too --
-    def _read_accounts(self, numbers: list[str]) -> list[tuple]:
-        return self._x(_RUN_ACCOUNTS, (_json_strings(numbers),)).fetchall()
+    def _read_accounts(self, numbers: list[str]) -> list[list]:
+        (found,) = self._x(_RUN_ACCOUNTS, (_json_strings(numbers),)).fetchone()
+        return _json_decode(found)
 
     def _read_keys(self, keys: list[str]) -> list[tuple]:
         return self._x(_RUN_KEYS, (_json_strings(keys),)).fetchall()
@@ -196,7 +206,11 @@ class SQLiteStore(SQLStore):
         return list(ids)
 
     def _write_balances(self, writes: list[tuple[int, str, int]]) -> int:
-        return self._conn.executemany(_RUN_BALANCE, writes).rowcount
+        if not writes:
+            return 0
+        encode = encode_basestring_ascii
+        changes = ",".join([f"[{new},{encode(number)},{old}]" for new, number, old in writes])
+        return self._x(_RUN_BALANCES, ("[" + changes + "]",)).rowcount
 
     def _insert_journal(self, params: Sequence) -> int | None:
         cursor = self._x(_INSERT_JOURNAL, params)
