@@ -80,6 +80,24 @@ class LingerTests(unittest.TestCase):
         self.assertNotIn("k", linger)
         self.assertEqual(len(time.wheel), 0)
 
+    def test_a_failing_callback_stops_neither_expiry_nor_the_sweeps(self):
+        timers = ClockTimers()
+        gone = []
+
+        def on_expire(key, value):
+            gone.append(key)
+            if key == "bad":
+                raise RuntimeError("a bug upstream")
+
+        linger = Linger(timers, 0.3, on_expire, sweep_s=0.1)
+        linger.add("bad", None)
+        timers.run_for(0.2)
+        linger.add("later", None)
+        timers.run_for(1.0)
+        self.assertEqual(gone, ["bad", "later"])
+        self.assertEqual(len(linger), 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_a_key_completes_once(self):
         linger = Linger(ClockTimers(), 1.0)
         linger.add("k", None)

@@ -18,6 +18,10 @@ from collections import deque
 from math import ceil
 from typing import Any, Callable, Hashable
 
+from twisted.logger import Logger
+
+log = Logger()
+
 LINGER_SWEEP_S = 0.1
 """How often expiry runs, seconds.  An entry is kept from ``delay_s`` to one
 sweep past ``delay_s`` rounded up to whole sweeps (Timer J: 32-32.1 s)."""
@@ -70,15 +74,20 @@ class Linger:
 
     def _sweep(self) -> None:
         buckets, values = self._buckets, self._values
-        if len(buckets) > self._rounds:
-            on_expire = self._on_expire
-            for key in buckets.popleft():
-                value = values.pop(key)
-                if on_expire is not None:
-                    on_expire(key, value)
+        expired = buckets.popleft() if len(buckets) > self._rounds else ()
+        popped = [(key, values.pop(key)) for key in expired]
+        # The next sweep is armed before any callback runs: a failing one must not
+        # stop expiry (the store would then grow until the endpoint answers 503).
         if values:
             buckets.append([])
             self._timer = self._timers.start(self._sweep_s, self._sweep)
         else:
             buckets.clear()
             self._timer = None
+        on_expire = self._on_expire
+        if on_expire is not None:
+            for key, value in popped:
+                try:
+                    on_expire(key, value)
+                except Exception:
+                    log.failure("linger: expiring {key!r}", key=key)
