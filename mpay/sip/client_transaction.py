@@ -106,13 +106,12 @@ class ClientTransaction:
             if self.invite:
                 self._ack_bytes = self._make_ack(response).to_bytes()
                 self.layer.send(self._ack_bytes, self.addr)
-                linger = 0 if self.reliable else max(32.0, 64 * settings.t1_s)  # Timer D
-            else:
-                linger = 0      # Timer K keeps the key in the layer (linger.py), not this object
-                if not self.reliable:
-                    self.layer._completed_client(self)
-            if linger:
-                self._timer = self.layer.timers.start(linger, self._terminate)
+                if not self.reliable:   # Timer D
+                    self._timer = self.layer.timers.start(max(32.0, 64 * settings.t1_s),
+                                                          self._terminate)
+            elif not self.reliable:
+                # Timer K keeps the key in the layer (linger.py), not this object.
+                self.layer._completed_client(self)
         on_response = self.on_response
         if self.state is State.COMPLETED:
             # Timer K/D keep it only to absorb copies of the answer: let go of the request

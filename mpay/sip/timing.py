@@ -35,3 +35,4 @@ class TimerSettings:
 
     def __post_init__(self) -> None:
         assert 0 < self.t1_s <= self.t2_s, "RFC 3261 requires T1 <= T2"
+        assert self.t4_s > 0, "T4 bounds Timer K and Timer I"

@@ -220,13 +220,14 @@ class TransactionLayer:
         self.count_response = count_response or (lambda method, status: None)
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}
-        self._by_branch: dict[tuple, ServerTransaction] = {}
+        # The live transaction of each branch, or the key of an answered one (Timer J).
+        self._by_branch: dict[tuple, ServerTransaction | tuple] = {}
         self._accepted: dict[tuple, ServerTransaction] = {}
         # Completed non-INVITE transactions as data (linger.py): Timer J on the server
         # side, key -> (the final response's bytes, *the address it went to); Timer K
         # on the client side, key -> None.
         self.completed = Linger(timers, 64 * settings.t1_s, self._expired_server)
-        self.client_completed = Linger(timers, settings.t4_s) if settings.t4_s > 0 else None
+        self.client_completed = Linger(timers, settings.t4_s)
         self.guard: OverloadGuard | None = None   # overload control (overload.py), if any
         self.stats = {
             "retransmissions_absorbed": 0, "responses_resent": 0, "ack_timeouts": 0,
@@ -341,7 +342,7 @@ class TransactionLayer:
         key = (via.branch, response.cseq[1])
         txn = self.client.get(key)
         if txn is None:
-            if self.client_completed is not None and key in self.client_completed:
+            if key in self.client_completed:
                 self.stats["retransmissions_absorbed"] += 1     # Timer K runs
             else:
                 self.stats["stray_responses"] += 1
@@ -354,7 +355,7 @@ class TransactionLayer:
 
     def _completed_client(self, txn: ClientTransaction) -> None:
         """A non-INVITE answered over UDP: Timer K keeps only its key, to absorb copies."""
-        if self.client_completed is not None and txn.key not in self.client_completed:
+        if txn.key not in self.client_completed:
             self.client_completed.add(txn.key, None)
 
     def counts(self) -> dict[str, int]:
@@ -365,5 +366,5 @@ class TransactionLayer:
         for ctxn in self.client.values():
             out["client_invite" if ctxn.invite else "client_non_invite"] += 1
         out["server_non_invite"] += len(self.completed)
-        out["client_non_invite"] += len(self.client_completed or ())
+        out["client_non_invite"] += len(self.client_completed)
         return out
