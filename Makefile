@@ -8,31 +8,41 @@ STAMP  := $(VENV)/.installed-stamp
 SIPP_TLS_ROOT ?= /var/cache/mpay/sipp-trixie
 export SIPP_TLS_ROOT
 
+# The hot modules mypyc compiles in place (mpay/compiled.py's MODULES, in this order).
+COMPILED := mpay/sip/headers.py mpay/sip/message.py mpay/sip/parser.py mpay/sip/uri.py
+COMPILED_STAMP := build/.compiled-stamp
+
 .PHONY: run test bench demo clean sipp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# compat mode puts the checkout itself on sys.path: tap.py and twisted/plugins live at the top.
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -e '.[test,compiled]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
-run: $(STAMP)
+# Again whenever a source changes; if mypyc cannot build, the sources run (it says so).
+$(COMPILED_STAMP): $(STAMP) $(COMPILED)
+	$(BIN)/python -m mpay.compiled build
+	mkdir -p build && touch $(COMPILED_STAMP)
+
+run: $(COMPILED_STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= mpay $(ARGS)
 
-test: $(STAMP)
+test: $(COMPILED_STAMP)
 	@{ command -v sipp && [ -x $(SIPP_TLS_ROOT)/usr/bin/sipp ]; } >/dev/null || $(MAKE) --no-print-directory sipp
 	$(BIN)/trial --reporter=mpay $(or $(TESTS),tests)
 
 # Against the servers of `make run` (another shell): enrol, pay, charge, audit.
-demo: $(STAMP)
+demo: $(COMPILED_STAMP)
 	$(BIN)/python -m mpay.cli.demo $(ARGS)
 
-bench: $(STAMP)
+bench: $(COMPILED_STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) _trial_temp twisted/plugins/dropin.cache
+	rm -rf $(VENV) _trial_temp twisted/plugins/dropin.cache build ./*__mypyc*.so
+	find mpay -name '*.so' -delete
 
 # SIPp, the independent SIP peer of the interop tests (Debian: sip-tester), and for TLS
 # trixie's in $(SIPP_TLS_ROOT) (about a minute, once).  Never fails: what is missing is skipped.

@@ -18,7 +18,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mpay import config as mpay_config
+from mpay import compiled, config as mpay_config
 from mpay.auth.crypto import CryptoError
 from mpay.auth.service import build_as
 from mpay.e164 import InvalidNumber
@@ -87,6 +87,10 @@ class Options(usage.Options):
                 self.config = mpay_config.load(self["config"], {**overrides, **first})
         except mpay_config.ConfigError as exc:
             raise usage.UsageError(str(exc)) from exc
+        if compiled.stale():
+            raise usage.UsageError(
+                f"compiled older than their source: {', '.join(compiled.stale())}; run make "
+                f"(or python -m mpay.compiled build, or clean to run them interpreted)")
 
 
 class MpayService(service.MultiService):
@@ -173,4 +177,6 @@ def makeService(options: Options, reactor=None) -> MpayService:
         workers_service(options["config"], options.overrides, options.children,
                         reactor).setServiceParent(top)
     log.info("mpay: roles {roles}, domain {domain}", roles=sorted(top.endpoints), domain=cfg["server"]["domain"])
+    log.info("mpay: compiled modules {modules}", modules=sorted(
+        module for module, how in compiled.status().items() if how == "compiled") or "none")
     return top

@@ -185,8 +185,13 @@ def _outcome(parser, value: str):
         parsed = parser(value)
     except ParseError as e:
         return ("error", e.status, e.reason)
-    fields = {name: getattr(parsed, name) for name in parsed.__slots__}
+    fields = {name: getattr(parsed, name) for name in _FIELDS[type(parsed).__name__]}
     return (parsed.to_str(), fields, list(parsed.params.items()))
+
+
+# Their attributes, named here: a compiled class (mpay/compiled.py) has no __slots__ to read.
+_FIELDS = {"Via": ("transport", "host", "port", "params", "protocol"),
+           "NameAddr": ("display", "uri", "params")}
 
 
 _TOKEN_CHARS = "abcXYZ019-.!%*_+`'~"

@@ -290,7 +290,8 @@ class HeadersTests(unittest.TestCase):
         m.set_top_via(Via("UDP", "198.51.100.1", 5070, {"branch": "z9hG4bKnew"}))
         self.assertEqual([v.host for v in m.vias], ["198.51.100.1", "p2"])
         self.assertIs(m.vias[1], lower)
-        self.assertIs(m.cseq, cseq)
+        self.assertEqual(m.cseq, cseq)
+        self.assertIsNotNone(m._cseq, "still cached")    # compiled, a tuple is boxed anew
         self.assertIs(m.to_addr, to_addr)
         self.assertEqual([v.host for v in parse(m.to_bytes()).vias], ["198.51.100.1", "p2"])
         m.headers.set("CSeq", "9 REGISTER")          # any other change still drops the caches

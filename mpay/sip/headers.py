@@ -363,6 +363,7 @@ def parse_name_addr(value: str) -> NameAddr:
 
 def _parse_name_addr(value: str) -> NameAddr:
     text = value.strip(" \t")
+    display: str | None
     if text.startswith('"'):
         display, end = _read_quoted(text, 0)
         rest = text[end:].lstrip(" \t")
@@ -378,10 +379,10 @@ def _parse_name_addr(value: str) -> NameAddr:
             if URI_RE.fullmatch(uri) is None or "?" in uri or "," in uri:
                 raise ParseError(400, "Bad address")
             return NameAddr(None, uri, parse_params(params, "address") if semi >= 0 else {})
-        display = text[:lt].rstrip(" \t")
-        if display and any(not is_token(word) for word in display.split()):
+        bare = text[:lt].rstrip(" \t")
+        if bare and any(not is_token(word) for word in bare.split()):
             raise ParseError(400, "Bad display name")
-        display = display or None
+        display = bare or None
         rest = text[lt:]
     gt = rest.find(">")
     uri = rest[1:gt]

@@ -164,6 +164,13 @@ class _Message:
 
     __slots__ = ("headers", "body", "version", "_for", "_rev", "_vias", "_cseq", "_from", "_to")
 
+    # The parsed-value caches: None until parsed (or since the headers changed).
+    _rev: int
+    _vias: list[Via] | None
+    _cseq: tuple[int, str] | None
+    _from: NameAddr | None
+    _to: NameAddr | None
+
     def __init__(self, headers: Headers | None, body: bytes, version: str):
         self.headers = Headers() if headers is None else headers
         self.body = body
@@ -334,9 +341,10 @@ def make_response(request: Request, status: int, reason: str | None = None, *,
         elif key in _ECHOED and key not in echoed:
             echoed[key] = item
     for key in _ECHOED:
-        item = echoed.get(key)
-        if item is None:
+        found = echoed.get(key)
+        if found is None:
             continue
+        item = found
         if key == "to" and to_tag is not None and request.to_addr.tag is None:
             if not is_token(to_tag):
                 raise ValueError(f"bad To tag {to_tag!r}")

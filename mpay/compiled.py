@@ -1,0 +1,134 @@
+"""The hot modules compiled to C with mypyc, beside their sources (issue 7).
+
+The SIP parser, header values, URIs and the message model are most of the
+Python a credit transfer runs, and they are plain typed Python; mypyc turns
+each into an extension module that CPython imports in place of the ``.py``
+(an extension wins over a source file in the same directory).  The ``.py``
+stays the one source and the fallback: without a C compiler, or after
+``make clean``, the same code runs interpreted, and every test passes on
+both.
+
+An extension older than its source would run code that is not in the
+checkout; ``stale()`` finds one, the server refuses to start on it and the
+test suite to run, and ``make`` builds again when a source changes.
+``MPAY_INTERPRETED=1`` in the environment runs the sources though built (a
+traceback with line numbers; the suite runs the SIP tests so too).
+
+    python -m mpay.compiled build     # what make runs: compile MODULES in place
+    python -m mpay.compiled clean     # back to pure Python
+    python -m mpay.compiled status    # which modules run compiled
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+# In the order of the Makefile's COMPILED list (tests/test_compiled.py holds them equal).
+MODULES = ("mpay.sip.headers", "mpay.sip.message", "mpay.sip.parser", "mpay.sip.uri")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_DIR = os.path.join(ROOT, "build")
+# mypyc's shared runtime for the group, at the top of the checkout: <hash>__mypyc.*.so
+_GROUP_GLOB = "*__mypyc" + importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def source_of(module: str, root: str = ROOT) -> str:
+    return os.path.join(root, *module.split(".")) + ".py"
+
+
+def extensions_of(module: str, root: str = ROOT) -> list[str]:
+    base = os.path.join(root, *module.split("."))
+    return [base + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if os.path.exists(base + suffix)]
+
+
+class _SourcesFirst(importlib.abc.MetaPathFinder):
+    """Finds MODULES as their ``.py``, ahead of the extension beside it."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name not in MODULES:
+            return None
+        return importlib.util.spec_from_file_location(name, source_of(name))
+
+
+def prefer_sources() -> None:
+    """From now on MODULES import interpreted (before anything imported them)."""
+    assert not any(module in sys.modules for module in MODULES), "already imported"
+    if not any(isinstance(finder, _SourcesFirst) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _SourcesFirst())
+
+
+def stale(root: str = ROOT) -> list[str]:
+    """Modules whose extension was built before their source last changed (and would run)."""
+    if interpreted_by_request():
+        return []
+    return [module for module in MODULES for ext in extensions_of(module, root)
+            if os.path.getmtime(ext) < os.path.getmtime(source_of(module, root))]
+
+
+def interpreted_by_request() -> bool:
+    return any(isinstance(finder, _SourcesFirst) for finder in sys.meta_path)
+
+
+def status() -> dict[str, str]:
+    """Each module: "compiled" or "interpreted", as an import would find it now."""
+    found = {}
+    for module in MODULES:
+        spec = importlib.util.find_spec(module)
+        loader = spec.loader if spec is not None else None
+        found[module] = ("compiled" if isinstance(loader, importlib.machinery.ExtensionFileLoader)
+                         else "interpreted")
+    return found
+
+
+def clean() -> None:
+    for module in MODULES:
+        for ext in extensions_of(module):
+            os.remove(ext)
+    for group in glob.glob(os.path.join(ROOT, _GROUP_GLOB)):
+        os.remove(group)
+    shutil.rmtree(BUILD_DIR, ignore_errors=True)
+
+
+def build() -> bool:
+    """Compile MODULES in place; on any failure leave none compiled (the sources run)."""
+    clean()
+    command = [sys.executable, "-m", "mypyc", "--ignore-missing-imports",
+               "--follow-imports=silent", *map(source_of, MODULES)]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    except OSError as exc:
+        done = None
+        why = str(exc)
+    if (done is None or done.returncode != 0 or stale()
+            or any(how != "compiled" for how in status().values())):
+        why = why if done is None else (done.stdout + done.stderr)[-2000:]
+        clean()
+        sys.stderr.write(f"mypyc did not build; the modules run interpreted:\n{why}\n")
+        return False
+    return True
+
+
+def main(argv: list[str]) -> int:
+    action = argv[0] if argv else "status"
+    if action == "build":
+        build()
+    elif action == "clean":
+        clean()
+    elif action != "status":
+        sys.stderr.write(__doc__ or "")
+        return 2
+    for module, how in status().items():
+        sys.stdout.write(f"{module}: {how}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
