@@ -9,7 +9,8 @@ SIPP_TLS_ROOT ?= /var/cache/mpay/sipp-trixie
 export SIPP_TLS_ROOT
 
 # The hot modules mypyc compiles in place (mpay/compiled.py's MODULES, in this order).
-COMPILED := mpay/sip/headers.py mpay/sip/message.py mpay/sip/parser.py mpay/sip/uri.py
+COMPILED := mpay/auth/tickets.py mpay/auth/verifier.py \
+            mpay/sip/headers.py mpay/sip/message.py mpay/sip/parser.py mpay/sip/uri.py
 COMPILED_STAMP := build/.compiled-stamp
 
 .PHONY: run test bench demo clean sipp
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Again whenever a source changes; if mypyc cannot build, the sources run (it says so).
-$(COMPILED_STAMP): $(STAMP) $(COMPILED)
+$(COMPILED_STAMP): $(STAMP) $(COMPILED) mpay/compiled.py
 	$(BIN)/python -m mpay.compiled build
 	mkdir -p build && touch $(COMPILED_STAMP)
 

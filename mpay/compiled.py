@@ -1,7 +1,8 @@
 """The hot modules compiled to C with mypyc, beside their sources (issue 7).
 
-The SIP parser, header values, URIs and the message model are most of the
-Python a credit transfer runs, and they are plain typed Python; mypyc turns
+The SIP parser, header values, URIs and the message model, the ticket and
+the authenticator are most of the Python a credit transfer runs, and they
+are plain typed Python, with no class built on an interpreted one; mypyc turns
 each into an extension module that CPython imports in place of the ``.py``
 (an extension wins over a source file in the same directory).  The ``.py``
 stays the one source and the fallback: without a C compiler, or after
@@ -12,7 +13,7 @@ An extension older than its source would run code that is not in the
 checkout; ``stale()`` finds one, the server refuses to start on it and the
 test suite to run, and ``make`` builds again when a source changes.
 ``MPAY_INTERPRETED=1`` in the environment runs the sources though built (a
-traceback with line numbers; the suite runs the SIP tests so too).
+traceback with line numbers; the suite runs the SIP and ticket tests so too).
 
     python -m mpay.compiled build     # what make runs: compile MODULES in place
     python -m mpay.compiled clean     # back to pure Python
@@ -32,7 +33,8 @@ import sys
 from typing import Any
 
 # In the order of the Makefile's COMPILED list (tests/test_compiled.py holds them equal).
-MODULES = ("mpay.sip.headers", "mpay.sip.message", "mpay.sip.parser", "mpay.sip.uri")
+MODULES = ("mpay.auth.tickets", "mpay.auth.verifier", "mpay.sip.headers", "mpay.sip.message",
+           "mpay.sip.parser", "mpay.sip.uri")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_DIR = os.path.join(ROOT, "build")
 # mypyc's shared runtime for the group, at the top of the checkout: <hash>__mypyc.*.so
@@ -65,12 +67,25 @@ def prefer_sources() -> None:
         sys.meta_path.insert(0, _SourcesFirst())
 
 
+def _all_extensions(root: str) -> dict[str, str]:
+    """Every extension module under mpay/ (all of them mypyc's): module name -> path."""
+    found = {}
+    suffixes = sorted(importlib.machinery.EXTENSION_SUFFIXES, key=len, reverse=True)
+    for path in glob.glob(os.path.join(root, "mpay", "**", "*.*"), recursive=True):
+        suffix = next((s for s in suffixes if path.endswith(s)), None)
+        if suffix is not None:
+            found[os.path.relpath(path, root)[:-len(suffix)].replace(os.sep, ".")] = path
+    return found
+
+
 def stale(root: str = ROOT) -> list[str]:
-    """Modules whose extension was built before their source last changed (and would run)."""
+    """Modules whose extension was built before their source last changed, or is left
+    from a build of other MODULES: either would run in place of the checkout's source."""
     if interpreted_by_request():
         return []
-    return [module for module in MODULES for ext in extensions_of(module, root)
-            if os.path.getmtime(ext) < os.path.getmtime(source_of(module, root))]
+    return sorted(module for module, path in _all_extensions(root).items()
+                  if module not in MODULES or not os.path.exists(source_of(module, root))
+                  or os.path.getmtime(path) < os.path.getmtime(source_of(module, root)))
 
 
 def interpreted_by_request() -> bool:
@@ -89,9 +104,8 @@ def status() -> dict[str, str]:
 
 
 def clean() -> None:
-    for module in MODULES:
-        for ext in extensions_of(module):
-            os.remove(ext)
+    for path in _all_extensions(ROOT).values():
+        os.remove(path)
     for group in glob.glob(os.path.join(ROOT, _GROUP_GLOB)):
         os.remove(group)
     shutil.rmtree(BUILD_DIR, ignore_errors=True)

@@ -15,7 +15,8 @@ from mpay import compiled
 class CompiledTests(unittest.TestCase):
     def test_the_makefile_compiles_the_modules_named_in_mpay_compiled(self):
         with open(os.path.join(compiled.ROOT, "Makefile")) as makefile:
-            listed = re.search(r"^COMPILED := (.*)$", makefile.read(), re.M).group(1).split()
+            text = makefile.read().replace("\\\n", " ")       # continued lines joined
+        listed = re.search(r"^COMPILED := (.*)$", text, re.M).group(1).split()
         self.assertEqual(listed, [os.path.relpath(compiled.source_of(m), compiled.ROOT)
                                   for m in compiled.MODULES])
 
@@ -35,13 +36,21 @@ class CompiledTests(unittest.TestCase):
         os.utime(source, (300, 300))
         self.assertEqual(compiled.stale(root), [module])
 
+    def test_an_extension_left_from_another_build_is_stale(self):
+        root = self.mktemp()
+        os.makedirs(os.path.join(root, "mpay", "sip"))
+        for name in ("gone.py", "gone" + importlib.machinery.EXTENSION_SUFFIXES[0]):
+            with open(os.path.join(root, "mpay", "sip", name), "w"):
+                pass
+        self.assertEqual(compiled.stale(root), ["mpay.sip.gone"], "not in MODULES: it would run")
+
     def test_status_says_how_each_module_runs(self):
         for module, how in compiled.status().items():
             self.assertEqual(how, "compiled" if compiled.extensions_of(module) else "interpreted")
 
 
 class InterpretedTests(unittest.TestCase):
-    """The suite runs compiled when built; the SIP suites run here on the sources too."""
+    """The suite runs compiled when built; the SIP and ticket suites run here on the sources."""
 
     def mktemp_dir(self) -> str:
         path = self.mktemp()
@@ -49,7 +58,7 @@ class InterpretedTests(unittest.TestCase):
         return path
 
     SUITES = ("tests.test_sip_message", "tests.test_sip_fuzz", "tests.test_sip_rfc4475",
-              "tests.test_transaction", "tests.test_compiled.SourcesTests")
+              "tests.test_transaction", "tests.test_tickets", "tests.test_compiled.SourcesTests")
 
     def test_the_sip_suites_pass_on_the_sources(self):
         env = dict(os.environ, MPAY_INTERPRETED="1", PYTHONPATH=compiled.ROOT)
