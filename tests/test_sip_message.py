@@ -1,5 +1,9 @@
 """mpay.sip.message: RFC 3261 parsing and serialisation (RFC 4475's corpus: test_sip_rfc4475)."""
 
+import os
+import subprocess
+import sys
+
 from hypothesis import given, settings, strategies as st
 
 from twisted.trial import unittest
@@ -352,3 +356,14 @@ class BuildTests(unittest.TestCase):
         self.assertEqual(make_response(request, 499).reason, "Client Error")
         self.assertEqual(make_response(request, 402, "Insufficient Funds").reason,
                          "Insufficient Funds")
+
+
+class ImportOrderTests(unittest.TestCase):
+    def test_any_sip_module_may_be_imported_first_compiled_or_not(self):
+        """message.py and parser.py import each other; whichever comes first, both load."""
+        for interpreted in ("", "1"):
+            env = dict(os.environ, MPAY_INTERPRETED=interpreted)
+            for module in ("parser", "message", "headers", "uri", "transaction"):
+                done = subprocess.run([sys.executable, "-c", f"import mpay.sip.{module}"],
+                                      env=env, capture_output=True, text=True)
+                self.assertEqual(done.returncode, 0, f"{module}, {interpreted!r}: {done.stderr}")
