@@ -24,7 +24,9 @@ from mpay.ledger.postgres import PostgresStore
 from mpay.ledger.runs import decide, refusal, results
 from mpay.ledger.sqlite import SQLiteStore
 from psycopg import sql as pgsql
-from tests.ledger_backends import PG_DSN, PostgresBackend, SQLiteBackend
+from tests.ledger_backends import (
+    A, B, C, PG_DSN, LedgerStoreMixin, PostgresBackend, SQLiteBackend,
+)
 
 NOW = 1_700_000_000.0
 FUNDS_MINOR = 1000
@@ -227,3 +229,21 @@ class SQLiteRunConflictTests(SQLiteBackend, RunConflictMixin, unittest.TestCase)
 
 class PostgresRunConflictTests(PostgresBackend, RunConflictMixin, unittest.TestCase):
     pass
+
+
+class PostgresPlanTests(PostgresBackend, LedgerStoreMixin, unittest.TestCase):
+    """A fresh ledger grows under load: its statements must not keep a plan made when the
+    journal was empty (a generic plan seq-scanned it for every batch as it grew)."""
+
+    def test_the_key_lookup_is_planned_for_the_journal_as_it_is(self):
+        self.fund(A, FUNDS_MINOR)
+        for i in range(12):                    # psycopg prepares at the 5th execution
+            self.store.run_batch([("transfer", transfer(A, B, 1, f"a{i}")),
+                                  ("transfer", transfer(A, C, 1, f"b{i}"))])
+        plans = self.store._conn.execute(
+            "SELECT generic_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%WHERE idempotency_key = ANY%'").fetchall()
+        self.assertEqual(plans, [], "never a plan kept from when the journal was small")
+        self.assertEqual(self.store.run_batch([("transfer", transfer(A, B, 1, "a0"))])[0].outcome,
+                         Outcome.DUPLICATE, "the lookup still finds the key")
+        self.assertAuditOK()

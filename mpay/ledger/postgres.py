@@ -36,6 +36,8 @@ careful way, take one SAVEPOINT (a subtransaction) each, and past 64 of them a
 transaction overflows the per-backend subxid cache (PGPROC_MAX_CACHED_SUBXIDS):
 slower, still correct."""
 
+_READ_KEYS = ("SELECT idempotency_key, id, debit, credit, amount, debit_balance_after, created"
+              " FROM journal WHERE idempotency_key = ANY(%s)")
 _RUN_INSERT = ("INSERT INTO journal (debit, credit, amount, kind, reference, idempotency_key,"
                " payer_signature, debit_balance_after, credit_balance_after, created)"
                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id")
@@ -120,8 +122,9 @@ class PostgresStore(SQLStore):
                        " WHERE number = ANY(?) ORDER BY number FOR UPDATE", (numbers,)).fetchall()
 
     def _read_keys(self, keys: list[str]) -> list[tuple]:
-        return self._x("SELECT idempotency_key, id, debit, credit, amount, debit_balance_after,"
-                       " created FROM journal WHERE idempotency_key = ANY(?)", (keys,)).fetchall()
+        # Never prepared: a generic plan made while a fresh journal was small seq-scanned it
+        # for every batch as it grew, until autovacuum's next ANALYZE (README, session 8).
+        return self._conn.execute(_READ_KEYS, (keys,), prepare=False).fetchall()
 
     def _insert_journal_rows(self, rows: list[tuple]) -> list[int]:
         # executemany pipelines the rows: one round trip, whatever their number.
