@@ -87,10 +87,9 @@ class Options(usage.Options):
                 self.config = mpay_config.load(self["config"], {**overrides, **first})
         except mpay_config.ConfigError as exc:
             raise usage.UsageError(str(exc)) from exc
-        if compiled.stale():
-            raise usage.UsageError(
-                f"compiled older than their source: {', '.join(compiled.stale())}; run make "
-                f"(or python -m mpay.compiled build, or clean to run them interpreted)")
+        refusal = compiled.refusal()
+        if refusal is not None:
+            raise usage.UsageError(refusal)
 
 
 class MpayService(service.MultiService):

@@ -45,12 +45,6 @@ def source_of(module: str, root: str = ROOT) -> str:
     return os.path.join(root, *module.split(".")) + ".py"
 
 
-def extensions_of(module: str, root: str = ROOT) -> list[str]:
-    base = os.path.join(root, *module.split("."))
-    return [base + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES
-            if os.path.exists(base + suffix)]
-
-
 class _SourcesFirst(importlib.abc.MetaPathFinder):
     """Finds MODULES as their ``.py``, ahead of the extension beside it."""
 
@@ -63,11 +57,15 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
 def prefer_sources() -> None:
     """From now on MODULES import interpreted (before anything imported them)."""
     assert not any(module in sys.modules for module in MODULES), "already imported"
-    if not any(isinstance(finder, _SourcesFirst) for finder in sys.meta_path):
+    if not interpreted_by_request():
         sys.meta_path.insert(0, _SourcesFirst())
 
 
-def _all_extensions(root: str) -> dict[str, str]:
+def interpreted_by_request() -> bool:
+    return any(isinstance(finder, _SourcesFirst) for finder in sys.meta_path)
+
+
+def extensions(root: str = ROOT) -> dict[str, str]:
     """Every extension module under mpay/ (all of them mypyc's): module name -> path."""
     found = {}
     suffixes = sorted(importlib.machinery.EXTENSION_SUFFIXES, key=len, reverse=True)
@@ -83,13 +81,18 @@ def stale(root: str = ROOT) -> list[str]:
     from a build of other MODULES: either would run in place of the checkout's source."""
     if interpreted_by_request():
         return []
-    return sorted(module for module, path in _all_extensions(root).items()
+    return sorted(module for module, path in extensions(root).items()
                   if module not in MODULES or not os.path.exists(source_of(module, root))
                   or os.path.getmtime(path) < os.path.getmtime(source_of(module, root)))
 
 
-def interpreted_by_request() -> bool:
-    return any(isinstance(finder, _SourcesFirst) for finder in sys.meta_path)
+def refusal() -> str | None:
+    """What the server and the test suite say when an extension is stale, else None."""
+    modules = stale()
+    if not modules:
+        return None
+    return (f"compiled modules that are not the checkout's source: {', '.join(modules)}; "
+            "run make (or python -m mpay.compiled build, or clean to run them interpreted)")
 
 
 def status() -> dict[str, str]:
@@ -104,7 +107,7 @@ def status() -> dict[str, str]:
 
 
 def clean() -> None:
-    for path in _all_extensions(ROOT).values():
+    for path in extensions().values():
         os.remove(path)
     for group in glob.glob(os.path.join(ROOT, _GROUP_GLOB)):
         os.remove(group)
@@ -118,12 +121,11 @@ def build() -> bool:
                "--follow-imports=silent", *map(source_of, MODULES)]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        why = ((done.stdout + done.stderr)[-2000:] or f"exit status {done.returncode}"
+               if done.returncode else "")
     except OSError as exc:
-        done = None
         why = str(exc)
-    if (done is None or done.returncode != 0 or stale()
-            or any(how != "compiled" for how in status().values())):
-        why = why if done is None else (done.stdout + done.stderr)[-2000:]
+    if why or stale() or any(how != "compiled" for how in status().values()):
         clean()
         sys.stderr.write(f"mypyc did not build; the modules run interpreted:\n{why}\n")
         return False
