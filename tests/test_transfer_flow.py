@@ -196,6 +196,36 @@ class TransferTests(unittest.TestCase):
             self.assertNotIn(PAYER[1:].encode(), data, "the payer's number crossed to the payee")
 
     @defer.inlineCallbacks
+    def test_credit_transfers_committed_together_share_one_receipt_signature(self):
+        """Receipts asked in one turn are signed as one tree (v2); the payer's device and
+        the payee's each check theirs against the pinned PS key, the concealed payer's
+        copy for the payee included."""
+        signer = self.mpay.ps_core.transfer.receipt_signer
+        turn = task.Clock()           # the signer's next turn comes when the test says
+        signer.reactor = turn
+        asked = defer.Deferred()
+        sign = signer.sign
+
+        def counting(bodies, then, failed):
+            sign(bodies, then, failed)
+            if sum(len(b) for b, _, _ in signer._asked) == 4 and not asked.called:
+                reactor.callLater(0, asked.callback, None)
+        signer.sign = counting
+        paid = [self.payer.transfer(PAYEE, 10), self.payer.transfer(PAYEE, 20, conceal=True),
+                self.payer.transfer(PAYEE, 30)]
+        yield asked
+        turn.advance(0)
+        answers = yield defer.gatherResults(paid)
+        self.assertEqual((signer.groups, signer.receipts), (1, 4))
+        for response, receipt in answers:
+            self.assertEqual((response.status, receipt.payer), (200, PAYER))
+            self.assertTrue(response.headers.get("Mpay-Receipt").startswith("v2 "))
+            self.assertIn("/4; path=", response.headers.get("Mpay-Receipt"))
+        self.assertEqual(sorted((n["from"], n["amount"]) for n in self.payee.notices),
+                         [(PAYER, 10), (PAYER, 30), (ANONYMOUS, 20)])
+        self.assertEqual((yield self.balances()), (TOP_UP - 60, 60))
+
+    @defer.inlineCallbacks
     def test_retransmitted_request_debits_once(self):
         write = self.payer.endpoint.write
 

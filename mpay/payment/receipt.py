@@ -8,7 +8,9 @@ Either party can later show what was asked and what was done.
 
 Wire form of both header fields: ``ed25519 <base64url signature>`` for
 ``Mpay-Signature``; ``v1 <base64url receipt>; sig=<base64url signature>`` for
-``Mpay-Receipt``, the receipt being compact JSON with sorted keys.
+``Mpay-Receipt``, the receipt being compact JSON with sorted keys.  Under load
+a transfer's receipt is signed with the others of its turn (``v2``,
+``receipt_groups.py``); a holder checks either kind with ``verify_receipt``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mpay.auth.crypto import (
     verify_signature,
 )
 from mpay.payment.body import json_scalar
+from mpay.payment.receipt_groups import TREE_PURPOSE, ReceiptSigner, parse_v2
 
 SIGNATURE_HEADER = "Mpay-Signature"
 RECEIPT_HEADER = "Mpay-Receipt"
@@ -80,19 +83,33 @@ def verify_request(device_key: bytes, digest: bytes, signature: bytes) -> None:
 
 
 def sign_receipt(ps_key: Any, receipt: Receipt) -> str:
-    body = receipt.encode()
+    return sign_body(ps_key, receipt.encode())
+
+
+def sign_body(ps_key: Any, body: bytes) -> str:
+    """The v1 header value of one encoded receipt, signed alone."""
     return f"v1 {encode_b64(body)}; sig={encode_b64(sign(ps_key, RECEIPT_PURPOSE, body))}"
 
 
+def receipt_signer(reactor: Any, ps_key: Any) -> ReceiptSigner:
+    """The PS's signer of transfer receipts: a turn's receipts under one signature."""
+    return ReceiptSigner(reactor, ps_key, sign_body)
+
+
 def verify_receipt(ps_public: Any, value: str | None) -> Receipt:
-    """The receipt in a header field, after checking the PS's signature."""
+    """The receipt in a header field, after checking the PS's signature: its own (v1) or
+    its group's (v2, ``receipt_groups.py``)."""
     try:
         version, _, rest = (value or "").strip().partition(" ")
-        encoded, _, signature = rest.partition("; sig=")
-        if version != "v1" or not signature:
-            raise ReceiptError("not a v1 receipt")
+        if version == "v2":
+            body, signed, signature = parse_v2(rest, MAX_RECEIPT_CHARS)
+            verify_signature(ps_public, TREE_PURPOSE, signed, signature)
+            return Receipt(**json.loads(body))
+        encoded, _, signature_text = rest.partition("; sig=")
+        if version != "v1" or not signature_text:
+            raise ReceiptError("not a v1 or v2 receipt")
         body = decode_b64(encoded.strip(), MAX_RECEIPT_CHARS)
-        verify_signature(ps_public, RECEIPT_PURPOSE, body, decode_b64(signature.strip(), 128))
+        verify_signature(ps_public, RECEIPT_PURPOSE, body, decode_b64(signature_text.strip(), 128))
         return Receipt(**json.loads(body))
     except (CryptoError, ValueError, TypeError) as exc:
         raise ReceiptError(f"receipt does not verify: {exc}") from None

@@ -27,6 +27,7 @@ from mpay.ledger.api import LedgerStopped
 from mpay.payment.notices import NoticeQueue
 from mpay.payment.guard import MemoryGuessGuard, RedisGuessGuard
 from mpay.payment.otcn_request import OTCNIssuer
+from mpay.payment.receipt import receipt_signer
 from mpay.payment.receive import ChargeService
 from mpay.payment.registrar import Registrar
 from mpay.payment.server import PaymentServer
@@ -114,13 +115,14 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
     if location["backend"] == "redis":   # any PS process may see a copy of any request
         registrar.shared_replay = RedisReplayCache(redis.bounded, location["redis_prefix"],
                                                    registrar.verifier.replay_cache.retention_s)
+    ps_key = ensure_signing_key(cfg["ps"]["signing_key"])
     transfer = CreditTransfer(
         authenticate=registrar.authenticate, ledger=ledger, device_keys=CachedDeviceKeys(LedgerDeviceKeyStore(ledger), reactor.seconds),
-        locations=locations, notices=NoticeQueue(ledger), ps_key=ensure_signing_key(cfg["ps"]["signing_key"]),
+        locations=locations, notices=NoticeQueue(ledger), ps_key=ps_key,
+        receipt_signer=receipt_signer(reactor, ps_key),
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,
         timer_a_s=cfg["ps"]["transfer_timer_a_s"], signatures=signatures)
-    ps_key = transfer.ps_key
     charges = ChargeService(
         authenticate=registrar.authenticate, ledger=ledger, locations=locations, otcns=otcns,
         guard=guard, ps_key=ps_key, currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],

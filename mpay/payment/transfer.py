@@ -34,6 +34,7 @@ from mpay.ledger.api import MAX_AMOUNT_MINOR, Outcome, TransferResult
 from mpay.payment import receipt as receipts
 from mpay.payment.body import json_body, json_scalar
 from mpay.payment.notices import NoticeQueue
+from mpay.payment.receipt_groups import ReceiptSigner
 from mpay.payment.signatures import SignatureChecks
 from mpay.sip.stream import address_of
 from mpay.sip.endpoint import SIPTimeout
@@ -135,13 +136,14 @@ class CreditTransfer:
     def __init__(self, *, authenticate: Callable, ledger: Any, device_keys: Any, locations: Any,
                  notices: NoticeQueue, ps_key: Any, currency: str, domain: str,
                  default_region: str, timers: Any, timer_a_s: float = TRANSFER_TIMER_A_S,
-                 signatures: SignatureChecks | None = None):
+                 receipt_signer: ReceiptSigner, signatures: SignatureChecks | None = None):
         self.authenticate = authenticate
         self.ledger = ledger
         self.device_keys = device_keys
         self.locations = locations
         self.notices = notices
         self.ps_key = ps_key
+        self.receipt_signer = receipt_signer
         self.currency = currency
         self.domain = domain
         self.default_region = default_region
@@ -160,15 +162,13 @@ class CreditTransfer:
         self.outcomes[reason] = self.outcomes.get(reason, 0) + 1
 
     # -- the payee's notice ----------------------------------------------------
-    def notice(self, receipt: receipts.Receipt, conceal: bool, signed: str | None = None) -> bytes:
+    def notice(self, receipt: receipts.Receipt, conceal: bool, signed: str) -> bytes:
         """What the payee is told: the payer only when not concealed (RFC 3323).
 
-        *signed* is the payer's receipt, already signed: the same one serves the
-        payee unless the payer is concealed (then the payee's says "anonymous").
+        *signed* is the payee's receipt: the payer's own, unless the payer is
+        concealed (then a copy that says "anonymous").
         """
         shown = receipt._replace(payer=ANONYMOUS) if conceal else receipt
-        if conceal or signed is None:
-            signed = receipts.sign_receipt(self.ps_key, shown)
         return (_NOTICE_JSON % (
             json_scalar(shown.journal_id), json_scalar(shown.payer), json_scalar(shown.amount),
             json_scalar(shown.currency), json_scalar(shown.created), json_scalar(signed))).encode()
@@ -311,10 +311,16 @@ class _Transfer:
         # moved once, and the same receipt is due.  Whether the payee ever heard of it is
         # not known here, so it is told again (it drops a journal id it has seen): 200
         # still means "the payee confirmed", never only "committed".
-        self.signed = receipts.sign_receipt(owner.ps_key, receipt)   # payer and payee share it
-        conceal = self.asked.conceal
+        bodies = [receipt.encode()]           # payer and payee share it, unless concealed
+        if self.asked.conceal:
+            bodies.append(receipt._replace(payer=ANONYMOUS).encode())
+        owner.receipt_signer.sign(bodies, self._receipted, self._failed)
+
+    def _receipted(self, signed: list[str]) -> None:
+        owner, receipt, conceal = self.owner, self.receipt, self.asked.conceal
+        self.signed = signed[0]
         self.notice = (ANONYMOUS_URI if conceal else e164.sip_uri(receipt.payer, owner.domain),
-                       owner.notice(receipt, conceal, self.signed))
+                       owner.notice(receipt, conceal, signed[-1]))
         self._then(owner.locations.lookup(receipt.payee).addErrback(self._unlocated),
                    self._located)
 
