@@ -9,8 +9,9 @@ SIPP_TLS_ROOT ?= /var/cache/mpay/sipp-trixie
 export SIPP_TLS_ROOT
 
 # The hot modules mypyc compiles in place (mpay/compiled.py's MODULES, in this order).
-COMPILED := mpay/auth/tickets.py mpay/auth/verifier.py \
-            mpay/sip/headers.py mpay/sip/message.py mpay/sip/parser.py mpay/sip/uri.py
+COMPILED := mpay/auth/crypto.py mpay/auth/tickets.py mpay/auth/verifier.py mpay/payment/body.py \
+            mpay/sip/headers.py mpay/sip/message.py mpay/sip/parser.py mpay/sip/uri.py \
+            mpay/sip/useragent.py
 COMPILED_STAMP := build/.compiled-stamp
 
 .PHONY: run test bench demo clean sipp

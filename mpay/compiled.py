@@ -33,8 +33,9 @@ import sys
 from typing import Any
 
 # In the order of the Makefile's COMPILED list (tests/test_compiled.py holds them equal).
-MODULES = ("mpay.auth.tickets", "mpay.auth.verifier", "mpay.sip.headers", "mpay.sip.message",
-           "mpay.sip.parser", "mpay.sip.uri")
+MODULES = ("mpay.auth.crypto", "mpay.auth.tickets", "mpay.auth.verifier", "mpay.payment.body",
+           "mpay.sip.headers", "mpay.sip.message", "mpay.sip.parser", "mpay.sip.uri",
+           "mpay.sip.useragent")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_DIR = os.path.join(ROOT, "build")
 # mypyc's shared runtime for the group, at the top of the checkout: <hash>__mypyc.*.so

@@ -50,10 +50,12 @@ class CompiledTests(unittest.TestCase):
 
 
 class InterpretedTests(unittest.TestCase):
-    """The suite runs compiled when built; the SIP and ticket suites run here on the sources."""
+    """The suite runs compiled when built; the SIP, ticket, crypto and body suites run here on
+    the sources."""
 
     SUITES = ("tests.test_sip_message", "tests.test_sip_fuzz", "tests.test_sip_rfc4475",
-              "tests.test_transaction", "tests.test_tickets", "tests.test_compiled.SourcesTests")
+              "tests.test_transaction", "tests.test_tickets", "tests.test_crypto",
+              "tests.test_bodies", "tests.test_compiled.SourcesTests")
 
     def mktemp_dir(self) -> str:
         path = self.mktemp()

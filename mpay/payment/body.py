@@ -16,12 +16,11 @@ def json_scalar(value: object) -> str:
     these: a template and seven of these take a third of ``json.dumps``'s
     time, which builds an encoder and walks the dict on every call.
     """
-    kind = type(value)
-    if kind is str:
+    if type(value) is str:
         return encode_basestring_ascii(value)
-    if kind is int:
+    if type(value) is int:
         return int.__repr__(value)
-    if kind is float and isfinite(value):
+    if type(value) is float and isfinite(value):
         return float.__repr__(value)
     return json.dumps(value)
 
