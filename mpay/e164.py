@@ -64,12 +64,13 @@ class InvalidNumber(ValueError):
         self.reason = reason
 
 
-def is_e164(text: str) -> bool:
-    """True if *text* is already in E.164 form; syntax only, no validity check."""
+def is_e164(text: object) -> bool:
+    """True if *text* is already in E.164 form; syntax only, no validity check (any value:
+    a JSON body's field may be anything)."""
     return isinstance(text, str) and _E164_RE.fullmatch(text) is not None
 
 
-def normalise(text: str, default_region: str) -> str:
+def normalise(text: object, default_region: str) -> str:
     """*text* as ``+<digits>``, read in *default_region* when it has no country code.
 
     Raises `InvalidNumber` with the reason when libphonenumber does not accept
@@ -126,7 +127,8 @@ def _parse(text: str, region: str) -> tuple[str | None, str | None]:
 
 
 def _region_of(parsed: phonenumbers.PhoneNumber, default_region: str) -> str:
-    region = phonenumbers.region_code_for_country_code(parsed.country_code)
+    code = parsed.country_code
+    region = None if code is None else phonenumbers.region_code_for_country_code(code)
     return default_region if region in (None, "001", _NO_REGION) else region
 
 

@@ -32,10 +32,11 @@ class ClientTransaction:
     def __init__(self, layer: "TransactionLayer", request: Request, addr: Any,
                  on_response: Callable[[Response], None], on_timeout: Callable[[], None],
                  reliable: bool):
-        branch = request.top_via.branch
+        via = request.top_via
+        branch = via.branch if via is not None else None
         assert branch, "a client transaction needs a branch in its top Via"
         self.layer = layer
-        self.request = request
+        self.request: Request | None = request    # released once answered
         self.key = (branch, request.cseq[1])
         self.addr = addr
         self.invite = request.method in INVITE_STYLE_METHODS
@@ -43,14 +44,15 @@ class ClientTransaction:
         self.state = State.CALLING if self.invite else State.TRYING
         self.on_response = on_response
         self.on_timeout = on_timeout
-        self._bytes = request.to_bytes()
-        self._timer = None
-        self._deadline = None
+        self._bytes: bytes | None = request.to_bytes()
+        self._timer: Any = None
+        self._deadline: Any = None
         self._interval = 0.0
         self._ack_bytes: bytes | None = None
 
     def start(self) -> None:
         settings = self.layer.settings
+        assert self._bytes is not None
         self.layer.send(self._bytes, self.addr)
         # Timer F (non-INVITE) or Timer B (INVITE): the transaction's hard deadline.
         self._deadline = self.layer.timers.start(64 * settings.t1_s, self._timeout)
@@ -61,7 +63,7 @@ class ClientTransaction:
     def _retransmit(self) -> None:
         if self.state not in (State.TRYING, State.CALLING, State.PROCEEDING):
             return
-        if self.invite and self.state is State.PROCEEDING:
+        if (self.invite and self.state is State.PROCEEDING) or self._bytes is None:
             return
         self.layer.send(self._bytes, self.addr)
         self.layer.stats["requests_resent"] += 1
@@ -125,14 +127,15 @@ class ClientTransaction:
     def _make_ack(self, response: Response) -> Request:
         """RFC 17.1.1.3: the ACK for a non-2xx final belongs to this transaction."""
         original = self.request
+        assert original is not None, "held until the final response"
         headers = Headers()
         headers.add("Via", original.headers.getall("Via")[0])
         for name in ("Route",):
             for value in original.headers.getall(name):
                 headers.add(name, value)
-        headers.add("From", original.headers.get("From"))
-        headers.add("To", response.headers.get("To"))
-        headers.add("Call-ID", original.call_id)
+        headers.add("From", original.headers.get("From") or "")
+        headers.add("To", response.headers.get("To") or "")
+        headers.add("Call-ID", original.call_id or "")
         headers.add("CSeq", f"{original.cseq[0]} ACK")
         headers.add("Max-Forwards", "70")
         return Request("ACK", original.uri, headers)

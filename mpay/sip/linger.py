@@ -41,7 +41,7 @@ class Linger:
                  "_on_expire")
 
     def __init__(self, timers: Any, delay_s: float,
-                 on_expire: Callable[[Hashable, Any], None] | None = None,
+                 on_expire: Callable[[Any, Any], None] | None = None,
                  sweep_s: float = LINGER_SWEEP_S):
         assert delay_s > 0 and sweep_s > 0
         self._timers = timers
@@ -51,7 +51,7 @@ class Linger:
         self._rounds = ceil(delay_s / sweep_s - _ROUNDING)
         self._values: dict[Hashable, Any] = {}
         self._buckets: deque[list[Hashable]] = deque()   # one per sweep, newest last
-        self._timer = None
+        self._timer: Any = None
         self._on_expire = on_expire
 
     def __len__(self) -> int:

@@ -59,6 +59,7 @@ class TransactionUser(Protocol):
 def server_key(request: Request) -> tuple:
     """RFC 17.2.3 matching: branch + sent-by + method (ACK matches INVITE)."""
     via = request.top_via
+    assert via is not None, "the parser refuses a message without Via"
     # An ACK names no method of its own: it belongs to the INVITE-style transaction.
     method = "INVITE" if request.method == "ACK" or request.method in INVITE_STYLE_METHODS \
         else request.method
@@ -82,7 +83,7 @@ class ServerTransaction:
                  invite: bool, reliable: bool, to_tag: str):
         self.layer = layer
         self.key = key
-        self.request = request
+        self.request: Request | None = request    # released once answered (Timer J)
         self.addr = addr
         self.invite = invite
         self.reliable = reliable
@@ -90,9 +91,9 @@ class ServerTransaction:
         self.state = State.PROCEEDING if invite else State.TRYING
         self.last_response: Response | None = None
         self._last_bytes: bytes | None = None
-        self._timer = None
+        self._timer: Any = None
         self._interval = 0.0
-        self._lifetime = None
+        self._lifetime: Any = None
         # Called when a CANCEL matches before the final response; default: 487.
         self.on_cancel: Callable[[ServerTransaction], None] | None = None
 
@@ -106,7 +107,9 @@ class ServerTransaction:
         if self.final:      # a TU's second answer (and a non-INVITE's request is released)
             self.layer.stats["late_responses"] += 1
             return None
-        response = make_response(self.request, status, reason, to_tag=self.to_tag,
+        request = self.request
+        assert request is not None, "held until the final response"
+        response = make_response(request, status, reason, to_tag=self.to_tag,
                                  headers=headers, body=body)
         self.respond(response)
         return response
@@ -116,10 +119,12 @@ class ServerTransaction:
             # A TU answering twice is a bug upstream; the peer already has its answer.
             self.layer.stats["late_responses"] += 1
             return
+        request = self.request
+        assert request is not None, "held until the final response"
         self.last_response = response
         self._last_bytes = data = response.to_bytes()
         self.layer.send(data, self.addr)
-        self.layer.count_response(self.request.method, response.status)
+        self.layer.count_response(request.method, response.status)
         status = response.status
         if status < 200:
             self.state = State.PROCEEDING
@@ -137,7 +142,7 @@ class ServerTransaction:
             self.layer._completed_server(self, data)
         elif status < 300:
             self.state = State.ACCEPTED
-            self.layer._accepted[(self.request.call_id, self.request.cseq[0])] = self
+            self.layer._accepted[(request.call_id, request.cseq[0])] = self
             self._lifetime = self.layer.timers.start(64 * settings.t1_s, self._terminate)  # Timer L
             if not self.reliable:
                 # The UAS core's 2xx retransmission (RFC 13.3.1.4), kept here for locality.
@@ -158,7 +163,7 @@ class ServerTransaction:
             self.layer.stats["responses_resent"] += 1
 
     def _retransmit_final(self) -> None:
-        if self.state not in (State.COMPLETED, State.ACCEPTED):
+        if self.state not in (State.COMPLETED, State.ACCEPTED) or self._last_bytes is None:
             return
         self.layer.send(self._last_bytes, self.addr)
         self.layer.stats["responses_resent"] += 1
@@ -321,7 +326,7 @@ class TransactionLayer:
         self.server.pop(txn.key, None)
         if self._by_branch.get(txn.key[:-1]) is txn:
             del self._by_branch[txn.key[:-1]]
-        if txn.invite:
+        if txn.invite and txn.request is not None:      # an INVITE's is never released
             accepted_key = (txn.request.call_id, txn.request.cseq[0])
             if self._accepted.get(accepted_key) is txn:
                 del self._accepted[accepted_key]
@@ -339,6 +344,7 @@ class TransactionLayer:
 
     def receive_response(self, response: Response, addr: Any) -> None:
         via = response.top_via
+        assert via is not None, "the parser refuses a message without Via"
         key = (via.branch, response.cseq[1])
         txn = self.client.get(key)
         if txn is None:
