@@ -66,24 +66,47 @@ class LinkTests(unittest.TestCase):
         self.link.ready = True
 
     def jobs(self) -> list[tuple]:
+        """What the child reads, once the turn that asked has ended."""
+        self.clock.advance(0)
         return list(jobs.JOB.iter_unpack(self.child.recv(1 << 16)))
 
     def answer(self, *pairs) -> None:
         self.child.sendall(b"".join(jobs.ANSWER.pack(seq, ok) for seq, ok in pairs))
         self.link.doRead()
 
-    def test_jobs_wait_for_the_answers_to_the_last_write_and_fire_in_order(self):
+    def nothing_written(self) -> bool:
+        self.child.setblocking(False)
+        try:
+            self.child.recv(1)
+        except BlockingIOError:
+            return True
+        finally:
+            self.child.setblocking(True)
+        return False
+
+    def test_a_turns_jobs_go_in_one_write_then_wait_for_its_answers(self):
         good, bad = signed(), signed()
         results = []
-        self.checks.check(*good).addCallback(results.append)      # the child is idle: now
+        self.checks.check(*good).addCallback(results.append)      # the child is idle
         self.checks.check(good[0], good[1], bad[2]).addCallback(results.append)
+        self.assertTrue(self.nothing_written(), "not before the end of the turn")
+        self.assertEqual([(seq, public) for seq, public, _, _ in self.jobs()],
+                         [(0, good[0]), (1, good[0])], "one write for the turn")
         self.checks.check(*good).addCallback(results.append)
-        self.assertEqual([(seq, public) for seq, public, _, _ in self.jobs()], [(0, good[0])])
-        self.answer((0, 1))
-        self.assertEqual([seq for seq, _, _, _ in self.jobs()], [1, 2], "one write for both")
-        self.answer((1, 0), (2, 1))
+        self.clock.advance(0)
+        self.assertTrue(self.nothing_written(), "answers are due: it waits for them")
+        self.answer((0, 1), (1, 0))
+        self.assertEqual([seq for seq, _, _, _ in self.jobs()], [2], "sent with the answers")
+        self.answer((2, 1))
         self.assertEqual(results, [True, False, True])
         self.assertEqual((self.checks.in_child, self.checks.inline), (3, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_link_closed_within_the_turn_writes_nothing_and_leaves_no_call(self):
+        self.checks.check(*signed())
+        self.link.close()
+        self.assertEqual([call for call in self.clock.getDelayedCalls() if call.active()
+                          and call.func == self.link._end_of_turn], [])
 
     def test_out_of_order_answer_checks_here_and_restarts(self):
         good = signed()

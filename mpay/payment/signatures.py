@@ -160,10 +160,13 @@ class _ChildLink:
     """This end of the socket, read and written by the reactor directly: jobs out, answers
     in, in order.
 
-    Self-clocked, as Nagle's algorithm: a job goes at once when the child has
-    nothing to answer, else it waits for the answers to the last write and goes
-    with every job that came meanwhile.  Under load one write carries what
-    arrived during a round trip; idle, a check waits for nothing.
+    Self-clocked, as Nagle's algorithm: when the child has nothing to answer,
+    the jobs of this reactor turn go in one write at its end (the requests one
+    read of the SIP socket brought); else they wait for the answers to the last
+    write and go with every job that came meanwhile.  Under load one write
+    carries what arrived during a round trip; idle, a check waits only for the
+    end of its turn.  (A write per job cost the PS a tenth of its reactor time
+    at 150,000 transfers a minute, where the child was often idle.)
     """
 
     def __init__(self, owner: SignatureChecks, sock: socket.socket):
@@ -178,6 +181,7 @@ class _ChildLink:
         self._unsent = b""
         self._left = b""
         self._seq = 0
+        self._turn_end: Any = None              # the pending end-of-turn flush
 
     def fileno(self) -> int:
         return -1 if self.closed else self.sock.fileno()
@@ -191,9 +195,14 @@ class _ChildLink:
         answered = defer.Deferred()
         self.waiting.append(_Job(seq, answered, public, digest, signature, self.reactor.seconds()))
         self._jobs.append(JOB.pack(seq, public, signature, digest))
+        if self._outstanding == 0 and self._turn_end is None:
+            self._turn_end = self.reactor.callLater(0, self._end_of_turn)
+        return answered
+
+    def _end_of_turn(self) -> None:
+        self._turn_end = None
         if self._outstanding == 0:
             self.flush()
-        return answered
 
     def flush(self) -> None:
         if self.closed or not self._jobs:
@@ -269,6 +278,9 @@ class _ChildLink:
     def close(self) -> defer.Deferred:
         """Close this end (the child reads EOF and exits); fires once it is reaped."""
         if not self.closed:
+            if self._turn_end is not None and self._turn_end.active():
+                self._turn_end.cancel()
+            self._turn_end = None
             self.reactor.removeReader(self)
             self.reactor.removeWriter(self)
             self.closed = True
