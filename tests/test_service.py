@@ -100,6 +100,8 @@ class ServiceTreeTests(unittest.TestCase):
         self.assertIn('mpay_sip_retransmissions_absorbed_total{role="ps"} 1.0', text)
         self.assertIn('mpay_payer_signature_checks_total{where="process"} 0.0', text)
         self.assertIn('mpay_signature_process_restarts_total 0.0', text)
+        self.assertIn('mpay_receipts_signed_total 0.0', text)
+        self.assertIn('mpay_receipt_signatures_total 0.0', text)
         self.assertIn("mpay_ledger_pending 0.0", text)
         self.assertIn("# TYPE mpay_outcomes_total counter", text)
 

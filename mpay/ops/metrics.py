@@ -87,6 +87,15 @@ class OutcomeCollector:
                                            "Times the signature process stopped and was started again")
             restarts.add_metric([], checks.restarts)
             yield from (where, restarts)
+        signer = getattr(self.sources.get("transfer"), "receipt_signer", None)
+        if signer is not None:
+            signed = CounterMetricFamily("mpay_receipts_signed", "Transfer receipts signed")
+            signed.add_metric([], signer.receipts)
+            signatures = CounterMetricFamily(
+                "mpay_receipt_signatures",
+                "PS signatures made for transfer receipts (one per group of a turn)")
+            signatures.add_metric([], signer.groups)
+            yield from (signed, signatures)
         if self.ledger is not None:
             stats = self.ledger.stats()
             pending = GaugeMetricFamily("mpay_ledger_pending", "Operations queued for the ledger writer")
