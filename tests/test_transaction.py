@@ -269,6 +269,22 @@ class ClientTransactionTests(unittest.TestCase):
         self.assertEqual(self.layer.client, {})
         self.assertEqual(self.responses, [])
 
+    def test_timer_f_fires_at_64_t1_with_no_retransmission_after_it(self):
+        """Timers E and F are one timer, the last wait cut short: F is due at 32 s, not
+        at the next E (35.5 s), and not a tick before 32 s."""
+        self.send()
+        sent_at, ended_at = [], None
+        for tick in range(1, 400):
+            before = len(self.wire.sent)
+            self.time.advance(0.1)
+            if len(self.wire.sent) > before:
+                sent_at.append(round(tick * 0.1, 1))
+            if self.timeouts and ended_at is None:
+                ended_at = round(tick * 0.1, 1)
+        self.assertEqual(sent_at, [0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5])
+        self.assertEqual((ended_at, self.timeouts), (32.0, [True]))
+        self.assertEqual(len(self.time.wheel), 0, "no timer of the transaction is left")
+
     def test_final_response_stops_retransmission_and_is_delivered_once(self):
         txn = self.send()
         request = txn.request

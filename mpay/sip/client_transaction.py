@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from mpay.sip.transaction import TransactionLayer
 
 
+_DEADLINE_EPSILON_S = 1e-9
+"""What a sum of retransmission waits may miss Timer F by in floating point."""
+
+
 def _released(*_: Any) -> None:
     """The callbacks of a transaction that has had its answer: nothing more is due."""
 
@@ -27,6 +31,7 @@ class ClientTransaction:
     __slots__ = (
         "layer", "key", "request", "addr", "invite", "reliable", "state",
         "on_response", "on_timeout", "_bytes", "_timer", "_interval", "_deadline", "_ack_bytes",
+        "_left_s", "_waited_s",
     )
 
     def __init__(self, layer: "TransactionLayer", request: Request, addr: Any,
@@ -49,16 +54,32 @@ class ClientTransaction:
         self._deadline: Any = None
         self._interval = 0.0
         self._ack_bytes: bytes | None = None
+        self._left_s = self._waited_s = 0.0
 
     def start(self) -> None:
         settings = self.layer.settings
         assert self._bytes is not None
         self.layer.send(self._bytes, self.addr)
-        # Timer F (non-INVITE) or Timer B (INVITE): the transaction's hard deadline.
-        self._deadline = self.layer.timers.start(64 * settings.t1_s, self._timeout)
-        if not self.reliable:
+        if self.reliable:
+            # Timer F (non-INVITE) or Timer B (INVITE) alone: a stream retransmits for us.
+            self._deadline = self.layer.timers.start(64 * settings.t1_s, self._timeout)
+        else:
+            # One timer, not two: Timer E / A, its last wait cut short to end at Timer F / B.
+            self._left_s = 64 * settings.t1_s
             self._interval = settings.t1_s
-            self._timer = self.layer.timers.start(self._interval, self._retransmit)  # Timer E / A
+            self._arm(self._interval)
+
+    def _arm(self, wait_s: float) -> None:
+        self._waited_s = min(wait_s, self._left_s)
+        self._timer = self.layer.timers.start(self._waited_s, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._left_s -= self._waited_s
+        if self._left_s <= _DEADLINE_EPSILON_S:
+            self._timeout()
+        else:
+            self._retransmit()
 
     def _retransmit(self) -> None:
         if self.state not in (State.TRYING, State.CALLING, State.PROCEEDING):
@@ -74,7 +95,7 @@ class ClientTransaction:
             self._interval = settings.t2_s
         else:
             self._interval = min(2 * self._interval, settings.t2_s)
-        self._timer = self.layer.timers.start(self._interval, self._retransmit)
+        self._arm(self._interval)
 
     def receive(self, response: Response) -> None:
         status = response.status
