@@ -6,7 +6,7 @@ from twisted.trial import unittest
 
 from mpay.sip.message import Response, make_response, parse
 from mpay.sip.timing import State, TimerSettings
-from mpay.sip.transaction import TransactionLayer
+from mpay.sip.transaction import UNANSWERED_SWEEP_S, TransactionLayer
 
 from tests.support import ClockWheel, Wire, make_request
 
@@ -65,6 +65,31 @@ class ServerTransactionTests(unittest.TestCase):
         self.assertEqual(self.wire.statuses(), [180, 180])
         self.assertEqual(txn.state, State.PROCEEDING)
 
+    def test_a_request_the_tu_never_answers_is_ended_after_64_t1_never_before(self):
+        self.layer.receive_request(make_request("MESSAGE"), PEER)
+        (txn, _), = self.tu.requests
+        self.time.advance(1.5)                     # after the first sweep
+        self.layer.receive_request(make_request("MESSAGE", branch="z9hG4bK-later"), PEER)
+        (_, (later, _)) = self.tu.requests
+        self.time.advance(30.4)                    # 31.9 s: the first is not yet 64 x T1 old
+        self.assertEqual((txn.state, later.state), (State.TRYING, State.TRYING))
+        self.time.advance(1.1)                     # 33.0 s: its sweep has come
+        self.assertEqual((txn.state, later.state), (State.TERMINATED, State.TRYING))
+        self.assertIsNone(txn.respond_with(200), "a late answer is not sent")
+        self.assertEqual(self.layer.stats["late_responses"], 1)
+        self.time.advance(1.0)                     # 34.0 s: the later one's (32.5 s old)
+        self.assertEqual(later.state, State.TERMINATED)
+        self.assertEqual((self.layer.server, self.wire.sent), ({}, []))
+        self.assertEqual(len(self.time.wheel), 0, "no sweep left once none is unanswered")
+
+    def test_answered_requests_leave_no_bound_behind(self):
+        for n in range(3):
+            self.layer.receive_request(make_request("OPTIONS", branch=f"z9hG4bK-{n}"), PEER)
+            self.tu.requests[-1][0].respond_with(200)
+        self.time.advance(40.0)
+        self.assertEqual(self.layer.stats["late_responses"], 0)
+        self.assertEqual((self.layer.server, len(self.layer.completed)), ({}, 0))
+
     def test_timer_j_forgets_the_transaction_after_64_t1(self):
         self.layer.receive_request(make_request("OPTIONS"), PEER)
         self.tu.requests[0][0].respond_with(200)
@@ -83,7 +108,7 @@ class ServerTransactionTests(unittest.TestCase):
 
     def test_tu_that_never_answers_does_not_leak_the_transaction(self):
         self.layer.receive_request(make_request("MESSAGE"), PEER)
-        self.time.advance(32.1)
+        self.time.advance(32.0 + UNANSWERED_SWEEP_S + 0.1)   # 64 x T1, then its sweep
         self.assertEqual(self.layer.server, {})
 
     def test_same_branch_other_sent_by_is_another_transaction(self):
