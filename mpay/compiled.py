@@ -122,7 +122,7 @@ def build() -> bool:
                "--follow-imports=silent", *map(source_of, MODULES)]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        why = ((done.stdout + done.stderr)[-2000:] or f"exit status {done.returncode}"
+        why = (((done.stdout + done.stderr)[-2000:] or f"exit status {done.returncode}")
                if done.returncode else "")
     except OSError as exc:
         why = str(exc)

@@ -118,7 +118,7 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
     ps_key = ensure_signing_key(cfg["ps"]["signing_key"])
     transfer = CreditTransfer(
         authenticate=registrar.authenticate, ledger=ledger, device_keys=CachedDeviceKeys(LedgerDeviceKeyStore(ledger), reactor.seconds),
-        locations=locations, notices=NoticeQueue(ledger), ps_key=ps_key,
+        locations=locations, notices=NoticeQueue(ledger),
         receipt_signer=receipt_signer(reactor, ps_key),
         currency=cfg["ledger"]["currency"], domain=cfg["server"]["domain"],
         default_region=cfg["server"]["default_region"], timers=timers,

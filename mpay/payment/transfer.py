@@ -134,7 +134,7 @@ class CreditTransfer:
     log = Logger()
 
     def __init__(self, *, authenticate: Callable, ledger: Any, device_keys: Any, locations: Any,
-                 notices: NoticeQueue, ps_key: Any, currency: str, domain: str,
+                 notices: NoticeQueue, currency: str, domain: str,
                  default_region: str, timers: Any, timer_a_s: float = TRANSFER_TIMER_A_S,
                  receipt_signer: ReceiptSigner, signatures: SignatureChecks | None = None):
         self.authenticate = authenticate
@@ -142,8 +142,7 @@ class CreditTransfer:
         self.device_keys = device_keys
         self.locations = locations
         self.notices = notices
-        self.ps_key = ps_key
-        self.receipt_signer = receipt_signer
+        self.receipt_signer = receipt_signer    # holds the PS key
         self.currency = currency
         self.domain = domain
         self.default_region = default_region

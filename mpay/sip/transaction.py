@@ -243,6 +243,7 @@ class TransactionLayer:
         self.guard: OverloadGuard | None = None   # overload control (overload.py), if any
         self._sweeps = 0                          # of unanswered non-INVITE transactions
         self._sweep: Any = None
+        self._unanswered_rounds = ceil(64 * settings.t1_s / UNANSWERED_SWEEP_S - 1e-9)
         self.stats = {
             "retransmissions_absorbed": 0, "responses_resent": 0, "ack_timeouts": 0,
             "late_responses": 0, "overload_refusals": 0, "stray_responses": 0,
@@ -304,13 +305,19 @@ class TransactionLayer:
     def _end_unanswered(self) -> None:
         """End the non-INVITE server transactions unanswered for 64 x T1 (sweeps are
         counted, not timed: a stalled reactor makes them live longer, never shorter)."""
-        self._sweeps += 1
-        rounds = ceil(64 * self.settings.t1_s / UNANSWERED_SWEEP_S - 1e-9)
-        live = self.server.values()
-        for txn in [t for t in live if not t.invite and self._sweeps - t._born > rounds]:
+        self._sweeps = sweeps = self._sweeps + 1
+        rounds = self._unanswered_rounds
+        doomed, waiting = [], False
+        for txn in self.server.values():
+            if not txn.invite:
+                if sweeps - txn._born > rounds:
+                    doomed.append(txn)
+                else:
+                    waiting = True
+        for txn in doomed:
             txn._terminate()
         self._sweep = (self.timers.start(UNANSWERED_SWEEP_S, self._end_unanswered)
-                       if any(not t.invite for t in live) else None)
+                       if waiting else None)
 
     def _cancel(self, cancel_txn: ServerTransaction) -> None:
         """RFC 9.2: CANCEL matches the transaction with the same branch."""
