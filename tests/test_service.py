@@ -90,6 +90,8 @@ class ServiceTreeTests(unittest.TestCase):
                                  top.listeners["ps"].port)
         self.assertEqual(again.headers.get("To"), response.headers.get("To"), "answered from the transaction")
 
+        # The PS's start-up recovery is a ledger write: once it is done, nothing is queued.
+        yield top.getServiceNamed("ps").getServiceNamed("ps-sessions").recovered
         metrics = top.getServiceNamed("metrics")
         listening = yield listening_port(metrics)
         url = f"http://127.0.0.1:{listening.getHost().port}/metrics".encode()
