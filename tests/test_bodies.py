@@ -2,12 +2,16 @@
 
 import json
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from mpay.payment import transfer
 from mpay.payment.body import json_scalar
-from mpay.payment.receipt import Receipt
+from mpay.payment import receipt_groups
+from mpay.payment.receipt import Receipt, sign_body
+
+KEY = Ed25519PrivateKey.generate()
 
 FUZZ = settings(max_examples=300, deadline=None)
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text())
@@ -43,6 +47,22 @@ class BodyTests(unittest.TestCase):
                   "currency": currency, "created": created, "receipt": receipt}
         self.assertEqual(transfer._NOTICE_JSON % tuple(map(json_scalar, fields.values())),
                          json.dumps(fields))
+
+    @FUZZ
+    @given(st.integers(min_value=1), st.text(), st.text(), st.integers(), st.text(),
+           st.floats(allow_nan=False), st.booleans(), st.integers(min_value=1, max_value=16))
+    def test_the_notice_as_sent_is_json_dumps_of_its_fields(self, journal_id, payer, payee,
+                                                           amount, currency, created, conceal,
+                                                           group):
+        receipt = Receipt(journal_id, payer, payee, amount, currency, created, "ZGlnZXN0")
+        bodies = [receipt.encode()] * group           # a turn's group, v1 when alone
+        signed = receipt_groups.group_sign(KEY, bodies) if group > 1 else [
+            sign_body(KEY, bodies[0])]
+        notice = transfer.CreditTransfer.notice(receipt, conceal, signed[-1])
+        self.assertEqual(notice, json.dumps({
+            "journal_id": journal_id, "from": "anonymous" if conceal else payer,
+            "amount": amount, "currency": currency, "created": created,
+            "receipt": signed[-1]}).encode())
 
     @FUZZ
     @given(st.integers(), st.integers(), st.one_of(st.none(), st.integers()))

@@ -223,6 +223,52 @@ class RefusalTests(Fixture):
         self.assertRefused(403, "Ticket Malformed", ticket=crypto.encode_b64(blob))
 
 
+class OpenedTicketTests(Fixture):
+    """A ticket is opened once and kept; what it says is still checked every time."""
+
+    def test_a_kept_ticket_verifies_each_fresh_authenticator(self):
+        first = self.verify(auth=self.auth(T0 + 10), now=T0 + 10)
+        again = self.verify(auth=self.auth(T0 + 20), now=T0 + 20)
+        self.assertEqual(self.verifier.opened_tickets, 1)
+        self.assertEqual(first[:3], again[:3])
+        self.assertNotEqual(first.nonce, again.nonce)
+
+    def test_a_kept_ticket_still_expires(self):
+        self.verify()
+        expiry = T0 + t.TICKET_LIFETIME_S
+        self.assertRefused(401, "Ticket Expired", auth=self.auth(expiry), now=expiry)
+
+    def test_a_kept_ticket_still_needs_its_own_authenticator(self):
+        self.verify()
+        other = t.issue_ticket(self.k_ps, NUMBER, DMD_IP, PS_ID, T0)
+        self.assertRefused(403, "Authenticator Forged", auth=self.auth(key=other.k_c_ps))
+
+    def test_a_new_key_ring_opens_kept_tickets_again(self):
+        self.verify()
+        self.verifier.k_ps = KeyRing([crypto.generate_key()])     # the old key retired
+        self.assertRefused(403, "Ticket Key Unknown")
+        self.assertEqual(self.verifier.opened_tickets, 0)
+
+    def test_a_refused_ticket_is_not_kept(self):
+        raw = bytearray(crypto.decode_b64(self.issued.ticket, 999))
+        raw[30] ^= 0x01
+        for _ in range(2):
+            self.assertRefused(403, "Ticket Forged", ticket=crypto.encode_b64(bytes(raw)))
+        self.assertRefused(403, "Ticket Malformed", ticket="!" * 40)
+        self.assertEqual(self.verifier.opened_tickets, 0)
+
+    def test_the_oldest_kept_ticket_gives_way_at_the_bound(self):
+        verifier = v.TicketVerifier(self.k_ps, PS_ID, opened_tickets_max=2)
+        issued = [t.issue_ticket(self.k_ps, NUMBER, DMD_IP, PS_ID, T0) for _ in range(3)]
+        for n, ticket in enumerate(issued):
+            self.verify(ticket=ticket.ticket, auth=self.auth(key=ticket.k_c_ps), verifier=verifier)
+            self.assertEqual(verifier.opened_tickets, min(n + 1, 2))
+        # The first was dropped, and opens again.
+        self.verify(ticket=issued[0].ticket, auth=self.auth(key=issued[0].k_c_ps),
+                    verifier=verifier)
+        self.assertEqual(verifier.opened_tickets, 2)
+
+
 class ReplayCacheTests(Fixture):
     def test_entries_expire_after_the_window(self):
         cache = v.ReplayCache(retention_s=600, max_entries=10)
