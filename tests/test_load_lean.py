@@ -112,6 +112,9 @@ class OkForTests(unittest.TestCase):
             head + b"\r\nTo: <sip:again@h>\r\n\r\n" + body,           # two To headers
             data.replace(b"SIP/2.0\r\n", b"SIP/3.0\r\n", 1),
             data.replace(b"\r\nFrom: <", b"\r\nFrom: \r<", 1),        # a bare CR in a line
+            data.replace(b"\r\nFrom: <", b"\r\nFrom: \n<", 1),        # a bare LF in a line
+            data.replace(b"\r\nFrom: <", b"\r\nFrom: \x00<", 1),      # a NUL in a line
+            data.replace(b"\r\nFrom:", b"\r\r\nFrom:", 1),            # a line ending CR CR LF
             b"SIP/2.0 200 OK\r\n" + data.split(b"\r\n", 1)[1],        # a response
             b"",
         ]

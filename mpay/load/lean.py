@@ -100,9 +100,14 @@ def ok_for(request: bytes, source: tuple[str, int], tag_key: bytes,
     if end < 0 or end > MAX_HEAD_BYTES:
         return None
     head = request[:end]
-    if b"\r\n " in head or b"\r\n\t" in head:
+    # bytes.find, not "in": bytes.__contains__ tries its argument as an int first, and
+    # raises and clears a TypeError each time (a tenth of this function, per line).
+    if head.find(b"\r\n ") >= 0 or head.find(b"\r\n\t") >= 0:
         head = _FOLD.sub(b" ", head)             # folded lines (RFC 3261 7.3.1): unfolded
     lines = head.split(b"\r\n")
+    breaks = len(lines) - 1          # a CR, LF or NUL of its own in any line: refused
+    if head.count(b"\r") != breaks or head.count(b"\n") != breaks or head.find(b"\x00") >= 0:
+        return None
     start = lines[0].split(b" ")
     if len(start) != 3 or start[2] != SIP_VERSION or not start[1]:
         return None
@@ -114,8 +119,7 @@ def ok_for(request: bytes, source: tuple[str, int], tag_key: bytes,
         name, colon, value = line.partition(b":")
         key = name.strip().lower()
         canonical = _ECHOED.get(key)
-        if not colon or b"\r" in line or b"\n" in line or b"\x00" in line or (
-                canonical is None and not _TOKEN.fullmatch(key)):
+        if not colon or (canonical is None and not _TOKEN.fullmatch(key)):
             return None
         value = value.strip()
         if canonical is not None:
@@ -155,8 +159,8 @@ def ok_for(request: bytes, source: tuple[str, int], tag_key: bytes,
 
 def _has_tag(to_value: bytes) -> bool:
     """Whether a To value carries a tag (a ``;tag=`` inside <...> is the URI's)."""
-    params = to_value.rpartition(b">")[2] if b"<" in to_value else to_value
-    return b";tag=" in params.lower().replace(b" ", b"")
+    params = to_value.rpartition(b">")[2] if to_value.find(b"<") >= 0 else to_value
+    return params.lower().replace(b" ", b"").find(b";tag=") >= 0
 
 
 def _reply_address(top_via: bytes, source: tuple[str, int]) -> tuple[str, int] | None:
