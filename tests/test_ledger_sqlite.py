@@ -47,6 +47,10 @@ class WriterStatementTests(SQLiteBackend, unittest.TestCase):
                             (_RUN_ACCOUNTS, ('["+886912000001"]',)), (_RUN_KEYS, ('["k"]',))):
             self.assertNotIn("OpenEphemeral", opcodes(self.store._conn, sql, params), sql)
 
+    def test_statement_journals_and_sorts_stay_in_memory(self):
+        # 2 = MEMORY: no file is made (and unlinked) in the temporary directory for them.
+        self.assertEqual(self.store._conn.execute("PRAGMA temp_store").fetchone()[0], 2)
+
     def test_the_schema_still_refuses_an_unknown_kind(self):
         for number in (A, B):
             self.store.open_account(number)
