@@ -132,8 +132,11 @@ def _region_of(parsed: phonenumbers.PhoneNumber, default_region: str) -> str:
     return default_region if region in (None, "001", _NO_REGION) else region
 
 
+@functools.lru_cache(maxsize=NORMALISE_CACHE_ENTRIES)
 def sip_uri(number: str, domain: str) -> str:
-    """The SIP address of an account: ``sip:+886912345678@domain;user=phone``."""
+    """The SIP address of an account: ``sip:+886912345678@domain;user=phone``.
+    Remembered (a refusal is not): a transfer names its payer and payee by it,
+    and each time was two regular expressions."""
     if not is_e164(number):
         raise InvalidNumber(f"not an E.164 number: {number!r}")
     if not domain or _NOT_IN_DOMAIN_RE.search(domain):

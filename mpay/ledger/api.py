@@ -70,6 +70,10 @@ class Outcome(enum.Enum):
     INVALID = "invalid"  # the request itself is malformed; ``detail`` says why
     NO_HOLD = "no_hold"  # the hold is unknown or already settled/released
 
+    # Members are singletons compared by identity: the identity hash agrees, and is
+    # C where Enum's own __hash__ is a Python call (looked up in REFUSALS per transfer).
+    __hash__ = object.__hash__
+
 
 # Results are NamedTuples: immutable, and cheap to build by the hundred
 # thousand in the writer thread (a frozen dataclass costs several times more).

@@ -70,6 +70,8 @@ class TransferState(enum.Enum):
     QUEUED = "Queued"
     REFUSED = "Refused"
 
+    __hash__ = object.__hash__    # as Outcome's: three transitions a transfer look it up
+
 
 _TRANSITIONS = {
     TransferState.AUTHENTICATED: {TransferState.COMMITTED, TransferState.REFUSED},
@@ -267,7 +269,15 @@ class _Transfer:
             self._key_loaded(record)
 
     def _then(self, work: defer.Deferred, step: Callable[[Any], None]) -> None:
-        work.addCallback(step).addErrback(self._failed)
+        """*step* with *work*'s result; its failure, or *step*'s, goes to ``_failed``
+        (one callback pair: half the Deferred's runs of ``addCallback().addErrback()``)."""
+        work.addCallbacks(self._step, self._failed, callbackArgs=(step,))
+
+    def _step(self, result: Any, step: Callable[[Any], None]) -> None:
+        try:
+            step(result)
+        except Exception:
+            self._failed(Failure())
 
     def _safely(self, step: Callable[..., None], *args: Any) -> None:
         """*step* called from outside a Deferred (the first step, Timer A, the payee's
