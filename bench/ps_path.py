@@ -65,6 +65,8 @@ def main(reactor, argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transfers", type=int, default=TRANSFERS)
     parser.add_argument("--profile", action="store_true", help="print the reactor's top costs")
+    parser.add_argument("--window", type=int, default=WINDOW,
+                        help="transfers in flight (1: each alone, as at a low arrival rate)")
     parser.add_argument("--prebuilt", type=int, default=0,
                         help="build this many requests ahead (at least --transfers): two runs"
                              " with the same --prebuilt differ by the PS's work alone")
@@ -120,7 +122,7 @@ def main(reactor, argv=None):
         started, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
         if profile:
             profile.enable()
-        feed(WINDOW)
+        feed(args.window)
         yield done
         if profile:
             profile.disable()
