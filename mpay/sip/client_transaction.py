@@ -42,7 +42,7 @@ class ClientTransaction:
         assert branch, "a client transaction needs a branch in its top Via"
         self.layer = layer
         self.request: Request | None = request    # released once answered
-        self.key = (branch, request.cseq[1])
+        self.key = f"{branch} {request.cseq[1]}"      # a string: see server_key
         self.addr = addr
         self.invite = request.method in INVITE_STYLE_METHODS
         self.reliable = reliable
