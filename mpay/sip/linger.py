@@ -8,8 +8,8 @@ transactions at any time.  As objects, each with a timer handle and a bound
 method, they were six objects a transfer that the cyclic collector walked
 for 5-32 s: a young collection every half second (2-8 ms) and a middle one
 every ten (62 ms), the p99 of a loaded PS.  Here a completed transaction is
-a dict entry of bytes and tuples, which the collector stops tracking, and
-its expiry a slot in a list; one timer sweeps them all.
+a dict entry of a string key and the response's bytes, which the collector
+never tracks, and its expiry a slot in a list; one timer sweeps them all.
 """
 
 from __future__ import annotations
