@@ -147,7 +147,7 @@ class TicketVerifier:
                  clock_skew_s: float = CLOCK_SKEW_S, replay_cache: ReplayCache | None = None,
                  opened_tickets_max: int = OPENED_TICKETS_MAX):
         assert clock_skew_s >= 0
-        self.k_ps = k_ps
+        self._k_ps = k_ps
         self.ps_id = ps_id
         self.check_source_ip = check_source_ip
         self.clock_skew_ms = to_ms(clock_skew_s)
@@ -158,7 +158,16 @@ class TicketVerifier:
         assert opened_tickets_max > 0
         self.opened_tickets_max = opened_tickets_max
         self._opened: dict[str | bytes, Ticket] = {}
-        self._opened_with = k_ps          # a new key ring (rotation) opens them all again
+
+    @property
+    def k_ps(self) -> KeyRing:
+        return self._k_ps
+
+    @k_ps.setter
+    def k_ps(self, ring: KeyRing) -> None:
+        """A new key ring (rotation): the tickets kept are opened again, under it."""
+        self._k_ps = ring
+        self._opened.clear()
 
     @property
     def opened_tickets(self) -> int:
@@ -215,14 +224,11 @@ class TicketVerifier:
         if not ticket_b64:
             raise _refuse("ticket_missing")
         opened = self._opened
-        if self._opened_with is not self.k_ps:
-            opened.clear()
-            self._opened_with = self.k_ps
         ticket = opened.get(ticket_b64)
         if ticket is not None:
             return ticket
         try:
-            ticket = open_ticket(self.k_ps, ticket_b64)
+            ticket = open_ticket(self._k_ps, ticket_b64)
         except DecodeError:
             raise _refuse("ticket_malformed") from None
         except UnknownKeyId:

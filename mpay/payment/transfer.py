@@ -21,7 +21,6 @@ payee is told again (devices drop a journal id they have seen).
 
 from __future__ import annotations
 
-import enum
 from typing import Any, Callable, NamedTuple
 
 from twisted.internet import defer
@@ -36,6 +35,7 @@ from mpay.payment.body import json_body, json_scalar
 from mpay.payment.notices import NoticeQueue
 from mpay.payment.receipt_groups import ReceiptSigner
 from mpay.payment.signatures import SignatureChecks
+from mpay.payment.transfer_flow import TransferFlow, TransferState
 from mpay.sip.stream import address_of
 from mpay.sip.endpoint import SIPTimeout
 from mpay.sip.message import Request
@@ -60,43 +60,6 @@ REFUSALS = {
     Outcome.UNKNOWN_PAYER: (403, "Payer Has No Account"),
     Outcome.BLOCKED: (403, "Account Blocked"),
 }
-
-
-class TransferState(enum.Enum):
-    AUTHENTICATED = "Authenticated"
-    COMMITTED = "Committed"
-    WAIT_PAYEE = "WaitPayee"
-    CONFIRMED = "Confirmed"
-    QUEUED = "Queued"
-    REFUSED = "Refused"
-
-    __hash__ = object.__hash__    # as Outcome's: three transitions a transfer look it up
-
-
-_TRANSITIONS = {
-    TransferState.AUTHENTICATED: {TransferState.COMMITTED, TransferState.REFUSED},
-    TransferState.COMMITTED: {TransferState.WAIT_PAYEE, TransferState.QUEUED},
-    TransferState.WAIT_PAYEE: {TransferState.CONFIRMED, TransferState.QUEUED},
-}
-
-
-class TransferFlow:
-    """One transfer's place in Fig 4-3; a transition the figure lacks is a bug, asserted."""
-
-    __slots__ = ("payer", "call_id", "state")
-
-    def __init__(self, payer: str, call_id: str):
-        self.payer = payer
-        self.call_id = call_id
-        self.state = TransferState.AUTHENTICATED
-
-    def advance(self, state: TransferState) -> None:
-        assert state in _TRANSITIONS.get(self.state, ()), f"transfer {self.state} -> {state}"
-        self.state = state
-
-    @property
-    def done(self) -> bool:
-        return self.state not in _TRANSITIONS
 
 
 class TransferRequest(NamedTuple):
