@@ -11,7 +11,10 @@ export SIPP_TLS_ROOT
 # The hot modules mypyc compiles in place (mpay/compiled.py's MODULES, in this order).
 COMPILED := mpay/auth/crypto.py mpay/auth/tickets.py mpay/auth/verifier.py mpay/payment/body.py \
             mpay/sip/headers.py mpay/sip/message.py mpay/sip/parser.py mpay/sip/uri.py \
-            mpay/sip/useragent.py
+            mpay/sip/useragent.py mpay/sip/transaction.py mpay/sip/server_transaction.py \
+            mpay/sip/client_transaction.py mpay/sip/linger.py mpay/sip/timing.py mpay/e164.py \
+            mpay/payment/transfer_flow.py mpay/payment/receipt_groups.py mpay/payment/receipt.py \
+            mpay/payment/transfer.py
 COMPILED_STAMP := build/.compiled-stamp
 
 .PHONY: run test bench demo clean sipp

@@ -35,7 +35,10 @@ from typing import Any
 # In the order of the Makefile's COMPILED list (tests/test_compiled.py holds them equal).
 MODULES = ("mpay.auth.crypto", "mpay.auth.tickets", "mpay.auth.verifier", "mpay.payment.body",
            "mpay.sip.headers", "mpay.sip.message", "mpay.sip.parser", "mpay.sip.uri",
-           "mpay.sip.useragent")
+           "mpay.sip.useragent", "mpay.sip.transaction", "mpay.sip.server_transaction",
+           "mpay.sip.client_transaction", "mpay.sip.linger", "mpay.sip.timing", "mpay.e164",
+           "mpay.payment.transfer_flow", "mpay.payment.receipt_groups", "mpay.payment.receipt",
+           "mpay.payment.transfer")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_DIR = os.path.join(ROOT, "build")
 # mypyc's shared runtime for the group, at the top of the checkout: <hash>__mypyc.*.so

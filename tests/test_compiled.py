@@ -50,12 +50,14 @@ class CompiledTests(unittest.TestCase):
 
 
 class InterpretedTests(unittest.TestCase):
-    """The suite runs compiled when built; the SIP, ticket, crypto and body suites run here on
-    the sources."""
+    """The suite runs compiled when built; the suites of the compiled modules run here on the
+    sources (the transfer flow over UDP only)."""
 
     SUITES = ("tests.test_sip_message", "tests.test_sip_fuzz", "tests.test_sip_rfc4475",
               "tests.test_transaction", "tests.test_tickets", "tests.test_crypto",
-              "tests.test_bodies", "tests.test_compiled.SourcesTests")
+              "tests.test_bodies", "tests.test_linger", "tests.test_receipt_groups",
+              "tests.test_e164", "tests.test_transfer_flow.TransferTests",
+              "tests.test_compiled.SourcesTests")
 
     def mktemp_dir(self) -> str:
         path = self.mktemp()

@@ -142,10 +142,11 @@ class CreditTransfer:
             json_scalar(shown.journal_id), json_scalar(shown.payer), json_scalar(shown.amount),
             json_scalar(shown.currency), json_scalar(shown.created), f'"{signed}"')).encode()
 
-    def send_notice(self, payee: str, addr: tuple[str, int], notice: tuple[str, bytes],
+    def send_notice(self, payee: str, addr: Any, notice: tuple[str, bytes],
                     settled: Callable[[bool], None]) -> None:
         """``settled(True)`` when the payee's device confirmed with a 2xx, else ``settled(False)``
-        (a refusal, or no answer by Timer F)."""
+        (a refusal, or no answer by Timer F).  ``addr`` is what ``address_of`` gives: typed
+        ``tuple[str, int]``, compiled code would unbox a Flow or Relayed to a UDP address."""
         host, port = self.endpoint.sent_by
         from_uri, body = notice
         request = build_request("MESSAGE", f"sip:{payee}@{addr[0]}:{addr[1]}", sent_by=(host, port),
@@ -156,7 +157,7 @@ class CreditTransfer:
         self.endpoint.start_request(request, addr, lambda response: settled(response.status < 300),
                                     lambda reason: settled(False))
 
-    def _notice_sent(self, payee: str, addr: tuple[str, int],
+    def _notice_sent(self, payee: str, addr: Any,
                      notice: tuple[str, bytes]) -> defer.Deferred:
         sent: defer.Deferred = defer.Deferred()
 
@@ -202,6 +203,7 @@ class _Transfer:
         self.owner = owner
         self.txn = txn
         self.request = request
+        assert request.call_id is not None, "the parser refuses a request without a Call-ID"
         self.flow = flow = TransferFlow(verified.number, request.call_id)
         self.digest = verified.digest
         self.timer_a: Any = None
@@ -281,6 +283,7 @@ class _Transfer:
         owner, flow = self.owner, self.flow
         flow.advance(TransferState.COMMITTED)
         self.result = result
+        assert result.journal_id is not None, "a committed transfer has its journal row"
         receipt = self.receipt = receipts.Receipt(
             result.journal_id, flow.payer, result.payee, result.amount, owner.currency,
             result.created or 0.0, encode_b64(self.digest))
