@@ -121,15 +121,16 @@ class CrashTests(unittest.TestCase):
     def record_requests(device) -> dict[str, tuple[int, str]]:
         """Call-ID -> (amount, digest) of every transfer *device* sends."""
         sent: dict[str, tuple[int, str]] = {}
-        send_request = device.endpoint.send_request
+        authenticate = device.authenticate
 
-        def recording(request, addr, *args):
+        def recording(request):
+            request = authenticate(request)        # as it goes to the PS
             if request.method == "MESSAGE":
                 amount = json.loads(request.body)["amount"]
                 sent[request.call_id] = (amount, encode_b64(wire.digest_of(request)))
-            return send_request(request, addr, *args)
+            return request
 
-        device.endpoint.send_request = recording
+        device.authenticate = recording
         return sent
 
     @defer.inlineCallbacks

@@ -249,13 +249,14 @@ class SharedReplayCacheTests(unittest.TestCase):
         yield two.start()
         consumer, _ = yield two.ready_at("psa", CONSUMER)
         copies = []
-        send_request = consumer.endpoint.send_request
+        authenticate = consumer.authenticate
 
-        def copying(request, addr, *args):
+        def copying(request):
+            request = authenticate(request)        # as it goes to the PS
             copies.append(parse(request.to_bytes()))
-            return send_request(request, addr, *args)
+            return request
 
-        consumer.endpoint.send_request = copying
+        consumer.authenticate = copying
         grant = yield consumer.request_otcn()          # an OTCN: no ledger key makes it idempotent
         self.assertIn("otcn", grant)
         # The copy comes from the consumer's IP (another port), to the instance that has not seen it.

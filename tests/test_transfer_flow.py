@@ -67,16 +67,16 @@ class TransferTests(unittest.TestCase):
         self.assertEqual((yield self.balances()), (TOP_UP, 0), "no money moved")
 
     def keep_sent(self):
-        """Record the payer's requests: (the list, the unwrapped send_request)."""
+        """Record the payer's requests as sent to the PS: (the list, send_request)."""
         sent = []
-        original = self.payer.endpoint.send_request
+        original = self.payer.authenticate
 
-        def keep(req, addr, *args):
-            sent.append(req)
-            return original(req, addr, *args)
+        def keep(request):
+            sent.append(original(request))
+            return sent[-1]
 
-        self.payer.endpoint.send_request = keep
-        return sent, original
+        self.payer.authenticate = keep
+        return sent, self.payer.endpoint.send_request
 
     def resend(self, request, send):
         """The lost-response case: the same payer, Call-ID and CSeq in a new transaction

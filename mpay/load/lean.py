@@ -205,8 +205,8 @@ class NoticeAnswerer:
         self.endpoint.datagram_received = self.datagram_received
 
     def uninstall(self) -> None:
-        if self.endpoint.__dict__.get("datagram_received") == self.datagram_received:
-            del self.endpoint.datagram_received
+        if self.endpoint.datagram_received == self.datagram_received:
+            self.endpoint.datagram_received = self._stack
 
     def datagram_received(self, data: bytes, addr: Any, relayed: bool = False) -> None:
         if data.startswith(b"MESSAGE ") and transport_of(addr) == "UDP":

@@ -50,8 +50,11 @@ class Core(Protocol):
     def ack_received(self, request: Request, addr: Any) -> None: ...
 
 
-def response_destination(request: Request, source: tuple[str, int]) -> tuple[str, int]:
+def response_destination(request: Request, source: Any) -> Any:
     """RFC 3261 18.2.2 with RFC 3581 rport: where the responses to *request* go.
+
+    *source* is a UDP (host, port), a Flow or a Relayed: never typed ``tuple[str,
+    int]``, which compiled code would unbox to a plain pair.
 
     Stamps ``received``/``rport`` on the top Via when the sender is not where
     its Via says (NAT), as the RFCs require, and only then: the usual case
@@ -59,6 +62,7 @@ def response_destination(request: Request, source: tuple[str, int]) -> tuple[str
     """
     host, port = source
     via = request.top_via
+    assert via is not None, "the parser refuses a request without a Via"
     rport = via.rport
     if via.host != host or rport == "":
         via.params["received"] = host
@@ -88,6 +92,9 @@ class SIPEndpoint:
         # UDP listener), stream messages over their flow's connection.
         self.write: Callable[[bytes, Any], None] = self._route
         self.udp_write: Callable[[bytes, Any], None] = self._not_listening
+        # What the listeners hand each message to (data, source[, relayed]): receive(), or
+        # what stands in front of it (a recorder in tests, the lean payee's answerer).
+        self.datagram_received: Callable[..., None] = self.receive
         self.flows: dict[tuple[str, str, int], Any] = {}   # (transport, host, port) -> Flow
         self.max_flows = MAX_FLOWS
         self.stream_ports: dict[str, int] = {}            # transport -> our listening port
@@ -176,8 +183,9 @@ class SIPEndpoint:
         return True
 
     def remove_flow(self, flow: Any) -> None:
-        if self.flows.get(flow.key) is flow:
-            del self.flows[flow.key]
+        key = flow.key
+        if self.flows.get(key) is flow:
+            del self.flows[key]
             for hook in list(self.flow_lost):
                 hook(flow)
 
@@ -219,7 +227,7 @@ class SIPEndpoint:
             self.send_errors += 1
             self.log.warn("{role}: send to {addr} failed: {error}", role=self.role, addr=addr, error=exc)
 
-    def send_request(self, request: Request, addr: tuple[str, int],
+    def send_request(self, request: Request, addr: Any,
                      on_provisional: Callable[[Any], None] | None = None) -> defer.Deferred:
         """Send *request* as a client transaction; fires with its final response.
 
@@ -262,6 +270,7 @@ class SIPEndpoint:
                 on_failed(f"no {addr.transport} connection to {addr[0]}:{addr[1]}")
                 return
             via = request.top_via
+            assert via is not None, "a request we send has our Via"
             if via.transport != flow.transport:   # the transport fills in its Via (18.1.1)
                 via.transport = flow.transport
                 if flow.transport in self.stream_ports:
@@ -283,7 +292,7 @@ class SIPEndpoint:
     def _count_response(self, method: str, status: int) -> None:
         self.responses[(method if method in KNOWN_METHODS else "other", status)] += 1
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int], relayed: bool = False) -> None:
+    def receive(self, data: bytes, addr: Any, relayed: bool = False) -> None:
         try:
             message = parse(data)
         except ParseError as exc:
@@ -306,7 +315,7 @@ class SIPEndpoint:
             # A bug on one message must not take the listener down; it is logged loudly.
             self.log.failure("{role}: unhandled error on a message from {addr}", role=self.role, addr=addr)
 
-    def _malformed(self, exc: ParseError, addr: tuple[str, int]) -> None:
+    def _malformed(self, exc: ParseError, addr: Any) -> None:
         request = exc.message
         if request is None or request.method == "ACK":
             self.parse_errors["dropped"] += 1

@@ -69,6 +69,11 @@ class Relayed(tuple):
     writes directly; any other passes the bytes to *via*.
     """
 
+    transport: str
+    via: str
+    local: str
+    reliable: bool
+
     def __new__(cls, host: str, port: int, transport: str, via: str, local: str) -> Relayed:
         assert transport in _TRANSPORTS, transport
         flow = super().__new__(cls, (host, port))
