@@ -16,7 +16,7 @@ from mpay.load import schedule
 from mpay.load.backends import Backends, parse_names, with_application_name
 from mpay.load.books import LedgerRef
 from mpay.load.capacity import CapacitySearch
-from mpay.load.report import CSV_FIELDS, ProgressBar, write_csv
+from mpay.load.report import CSV_FIELDS, TIMELINE_FIELDS, ProgressBar, write_csv, write_timeline
 from mpay.load.run import RateReport
 from mpay.load.stats import Outcome, RunStats, percentile
 from tests.support import sweep_once
@@ -96,6 +96,18 @@ class StatsTests(unittest.TestCase):
                                        TIMEOUT_S)
         self.assertEqual((stats.succeeded, stats.late, stats.status_text()), (1, 1, "200:2"))
 
+    def test_seconds_say_when_the_slow_requests_were_due(self):
+        """A stall of one second in three: the run's p99 is that second's, the others are
+        fast; the seconds are the schedule's, whenever the answers came."""
+        offsets = schedule.uniform(6_000, 300)              # 100 a second for 3 s
+        outcomes = [outcome(i, 200, 80.0 if 100 <= i < 200 else 2.0) for i in range(300)]
+        outcomes[150] = outcome(150, None, None)
+        stats = RunStats.from_outcomes(6_000, reversed(outcomes), TIMEOUT_S, offsets)
+        self.assertEqual(stats.seconds, ((0, 100, 0, 2.0), (1, 100, 1, 80.0), (2, 100, 0, 2.0)))
+        self.assertEqual((stats.slow_seconds, stats.worst_second_p99_ms), (1, 80.0))
+        self.assertEqual(RunStats.from_outcomes(6_000, outcomes, TIMEOUT_S).seconds, (),
+                         "no schedule, no seconds")
+
     def test_nothing_succeeded(self):
         stats = RunStats.from_outcomes(60, [outcome(0, 503, 1.0)], TIMEOUT_S)
         self.assertEqual(stats.success, 0.0)
@@ -165,6 +177,20 @@ class ReportTests(unittest.TestCase):
         row = dict(zip(CSV_FIELDS, lines[1].split(",")))
         self.assertEqual((row["success"], row["p99_ms"], row["statuses"]),
                          ("0.5000", "inf", "200:1 none:1"))
+
+    def test_timeline_has_each_rates_seconds(self):
+        offsets = schedule.uniform(60, 3)                   # one a second
+        stats = RunStats.from_outcomes(60, [outcome(0, 200, 3.0), outcome(1, 200, 60.0),
+                                            outcome(2, None, None)], TIMEOUT_S, offsets)
+        stream = io.StringIO()
+        write_timeline(stream, [RateReport(stats, True, "", 2, 0, 0)])
+        self.assertEqual(stream.getvalue().splitlines(),
+                         [",".join(TIMELINE_FIELDS), "60,0,1,0,3.00", "60,1,1,0,60.00",
+                          "60,2,1,1,inf"])
+        stream = io.StringIO()
+        write_csv(stream, [RateReport(stats, True, "", 2, 0, 0)])
+        row = dict(zip(CSV_FIELDS, stream.getvalue().splitlines()[1].split(",")))
+        self.assertEqual((row["slow_seconds"], row["worst_second_p99_ms"]), ("2/3", "inf"))
 
     def test_progress_bar_is_silent_off_a_terminal(self):
         stream = io.StringIO()

@@ -30,10 +30,12 @@ class LoadCommandTests(unittest.TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         table, picture = os.path.join(directory, "load.csv"), os.path.join(directory, "load.png")
+        timeline = os.path.join(directory, "seconds.csv")
         out, err, code = yield utils.getProcessOutputAndValue(
             MPAY_LOAD, ["--rates", ",".join(map(str, RATES_PER_MIN)),
                         "--count", str(COUNT_PER_RATE), "--payers", "2", "--payees", "2",
-                        "--workers", "2", "--generator", "stack", "--csv", table, "--plot", picture],
+                        "--workers", "2", "--generator", "stack", "--csv", table, "--plot", picture,
+                        "--timeline", timeline],
             env=dict(os.environ), path=REPO)
         output = (out + err).decode("utf-8", "replace")
         self.assertEqual(code, 0, output)
@@ -57,3 +59,10 @@ class LoadCommandTests(unittest.TestCase):
             self.assertLessEqual(float(row["mean_ms"]), float(row["p99_ms"]))
         with open(picture, "rb") as stream:
             self.assertEqual(stream.read(len(PNG_SIGNATURE)), PNG_SIGNATURE)
+        with open(timeline, encoding="utf-8") as stream:
+            seconds = list(csv.DictReader(stream))
+        for rate, row in zip(RATES_PER_MIN, rows):      # every request in one of its seconds
+            mine = [second for second in seconds if float(second["rate_per_min"]) == rate]
+            self.assertEqual(sum(int(second["sent"]) for second in mine), COUNT_PER_RATE)
+            self.assertEqual({second["failed"] for second in mine}, {"0"})
+            self.assertEqual(row["slow_seconds"].split("/")[1], str(len(mine)))

@@ -55,7 +55,9 @@ from mpay.load.capacity import (
 )
 from mpay.load.report import (
     THESIS_CAPACITY_PER_MIN, ProgressBar, devices_line, plot, summary_line, write_csv,
+    write_timeline,
 )
+from mpay.load.stats import BAR_P99_MS
 from mpay.load.run import (
     DEFAULT_COUNT_PER_RATE, DEFAULT_PAYEES, DEFAULT_PAYERS, DEFAULT_WORKERS, RESPONSE_TIMEOUT_S,
     LoadRunner, LoadSettings, RateReport, Target,
@@ -73,7 +75,6 @@ DEFAULT_SEARCH_SECONDS = 15.0
 of --count that a backlog absorbs within the timeout."""
 
 BAR_SUCCESS = STRICT_SUCCESS
-BAR_P99_MS = 50.0
 BAR_RATE_PER_MIN = 180_000
 """Issue 7's bar: 180,000 per minute at success >= 99.9 % with p99 <= 50 ms."""
 EXIT_OK, EXIT_BOOKS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -135,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds: a later answer is a failure")
     parser.add_argument("--csv", help="write the table here")
     parser.add_argument("--plot", help="write the PNG (success and latency against rate) here")
+    parser.add_argument("--timeline", help="write each rate's seconds here (CSV: requests due"
+                                           " in the second, failed, p99)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="more configuration for the server started here")
     parser.add_argument("--keep", action="store_true",
@@ -324,6 +327,9 @@ def run(reactor, args: argparse.Namespace):
     if args.csv:
         with open(args.csv, "w", encoding="utf-8") as stream:
             write_csv(stream, reports)
+    if args.timeline:
+        with open(args.timeline, "w", encoding="utf-8") as stream:
+            write_timeline(stream, reports)
     if args.plot:
         length = f"{args.count} transfers" + (f" or {args.seconds:g} s" if args.seconds else "")
         plot(args.plot, reports, f"mpay-load ({args.generator} generator): {length} per"

@@ -12,9 +12,10 @@ import math
 from typing import IO, Iterable
 
 from mpay.load.run import RateReport
+from mpay.load.stats import BAR_P99_MS
 
 CSV_FIELDS = ("rate_per_min", "count", "succeeded", "success", "mean_ms", "p50_ms", "p99_ms",
-              "send_lag_p99_ms", "server_processes", "server_cpu_pct", "server_cpu_by_process",
+              "send_lag_p99_ms", "worst_second_p99_ms", "slow_seconds", "server_processes", "server_cpu_pct", "server_cpu_by_process",
               "backend_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
               "busiest_sender_cpu_pct", "precompute_us", "duration_s",
               "statuses", "late", "resent", "audit_ok", "journal_checked", "journal_missing",
@@ -38,6 +39,8 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "succeeded": str(stats.succeeded), "success": f"{stats.success:.4f}",
             "mean_ms": _figure(stats.mean_ms, 2), "p50_ms": _figure(stats.p50_ms, 2),
             "p99_ms": _figure(stats.p99_ms, 2), "send_lag_p99_ms": _figure(stats.lag_p99_ms, 2),
+            "worst_second_p99_ms": _figure(stats.worst_second_p99_ms, 2),
+            "slow_seconds": f"{stats.slow_seconds}/{len(stats.seconds)}",
             "server_processes": str(report.server_processes or ""),
             "server_cpu_pct": _figure(stats.server_cpu_pct, 1),
             "server_cpu_by_process": " ".join(f"{name}:{_figure(pct, 1)}"
@@ -55,6 +58,19 @@ def csv_row(report: RateReport) -> dict[str, str]:
             "devices_by_process": " ".join(f"{name}:{payers}+{payees}"
                                            for name, payers, payees in report.devices_by_process),
             "generator": stats.generator}
+
+
+TIMELINE_FIELDS = ("rate_per_min", "second", "sent", "failed", "p99_ms")
+
+
+def write_timeline(stream: IO[str], reports: Iterable[RateReport]) -> None:
+    """Each rate's seconds (``--timeline``): where in a run its slow requests were due."""
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(TIMELINE_FIELDS)
+    for report in sorted(reports, key=lambda report: report.stats.rate_per_min):
+        for second in report.stats.seconds:
+            writer.writerow((f"{report.stats.rate_per_min:g}", second.start_s, second.sent,
+                             second.failed, _figure(second.p99_ms, 2)))
 
 
 def write_csv(stream: IO[str], reports: Iterable[RateReport]) -> None:
@@ -75,7 +91,9 @@ def summary_line(report: RateReport) -> str:
     processes = (f" [{report.server_processes} processes: {row['server_cpu_by_process']}]"
                  if report.server_processes > 1 else "")
     return (f"{row['rate_per_min']:>8s}/min  success {row['success']}  mean {row['mean_ms']} ms"
-            f"  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  server CPU"
+            f"  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms (seconds over"
+            f" {BAR_P99_MS:g} ms: {row['slow_seconds']}, worst {row['worst_second_p99_ms']})"
+            f"  server CPU"
             f" {row['server_cpu_pct']} %{processes}{backends}"
             f"  generator ({row['generator'] or '?'}) CPU {row['generator_cpu_pct']} %"
             f" (busiest sender {row['busiest_sender_cpu_pct']} %)"

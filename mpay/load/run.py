@@ -281,7 +281,7 @@ class LoadRunner:
         self.progress(count, count)
         outcomes = [Outcome(*entry) for result in results for entry in result["result"]]
         stats = RunStats.from_outcomes(
-            rate_per_min, outcomes, settings.timeout_s, duration_s=duration_s,
+            rate_per_min, outcomes, settings.timeout_s, offsets, duration_s=duration_s,
             server_cpu_pct=100 * server_cpu_s / duration_s,
             generator_cpu_pct=100 * generator_cpu_s / duration_s, generator=settings.generator)
         journal_ids = [outcome.journal_id for outcome in outcomes if outcome.journal_id is not None]

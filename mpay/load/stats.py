@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 SUCCESS_STATUS = 200
+BAR_P99_MS = 50.0
+"""Issue 7's bound on processing time, for a whole run and (``slow_seconds``) each second."""
 
 
 class Outcome(NamedTuple):
@@ -25,6 +27,19 @@ class Outcome(NamedTuple):
     latency_s: float | None
     lag_s: float                 # how late it left against its schedule (the generator's delay)
     journal_id: int | None = None
+
+
+class Second(NamedTuple):
+    """The requests due in one second of the schedule: how many, how many failed, their p99.
+
+    A run's p99 says how slow, not when: these say whether a bad p99 was the
+    whole run behind or a few seconds of a stall that the rest caught up with.
+    """
+
+    start_s: int
+    sent: int
+    failed: int
+    p99_ms: float
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -52,6 +67,16 @@ class RunStats:
     generator_cpu_pct: float = math.nan
     duration_s: float = math.nan
     generator: str = ""                    # the load generator that measured it (stack, lean)
+    seconds: tuple[Second, ...] = ()       # by the schedule's seconds (when offsets were given)
+
+    @property
+    def worst_second_p99_ms(self) -> float:
+        return max((second.p99_ms for second in self.seconds), default=math.nan)
+
+    @property
+    def slow_seconds(self) -> int:
+        """Seconds of the schedule whose requests had a p99 over ``BAR_P99_MS``."""
+        return sum(second.p99_ms > BAR_P99_MS for second in self.seconds)
 
     @property
     def success(self) -> float:
@@ -59,18 +84,20 @@ class RunStats:
 
     @classmethod
     def from_outcomes(cls, rate_per_min: float, outcomes: Iterable[Outcome], timeout_s: float,
-                      **measured: Any) -> "RunStats":
-        """Statistics of *outcomes*; *measured* are the CPU figures, the run's duration
+                      offsets: list[float] | None = None, **measured: Any) -> "RunStats":
+        """Statistics of *outcomes*; *offsets* is the schedule (each request's send time,
+        by index) for the seconds; *measured* are the CPU figures, the run's duration
         and the generator's name."""
         outcomes = list(outcomes)
+        if offsets is not None:
+            measured["seconds"] = by_second(outcomes, offsets, timeout_s)
         latencies, succeeded, statuses, late = [], [], Counter(), 0
         for outcome in outcomes:
             statuses["none" if outcome.status is None else str(outcome.status)] += 1
-            ok = (outcome.status == SUCCESS_STATUS and outcome.latency_s is not None
-                  and outcome.latency_s <= timeout_s)
-            latencies.append(outcome.latency_s if ok else math.inf)
-            if ok:
-                succeeded.append(outcome.latency_s)
+            latency = _latency(outcome, timeout_s)
+            latencies.append(latency)
+            if latency != math.inf:
+                succeeded.append(latency)
             elif outcome.status == SUCCESS_STATUS:
                 late += 1
         latencies.sort()
@@ -85,3 +112,25 @@ class RunStats:
     def status_text(self) -> str:
         """``200:998 202:2`` -- every final status and how often (``none``: no answer)."""
         return " ".join(f"{status}:{count}" for status, count in self.statuses.items())
+
+
+def _latency(outcome: Outcome, timeout_s: float) -> float:
+    """Seconds to the final 200, or ``inf`` for a failure (none, another status, too late)."""
+    if (outcome.status == SUCCESS_STATUS and outcome.latency_s is not None
+            and outcome.latency_s <= timeout_s):
+        return outcome.latency_s
+    return math.inf
+
+
+def by_second(outcomes: list[Outcome], offsets: list[float],
+              timeout_s: float) -> tuple[Second, ...]:
+    """*outcomes* grouped by the whole second of the schedule each was due to leave in."""
+    groups: dict[int, list[float]] = {}
+    for outcome in outcomes:
+        groups.setdefault(int(offsets[outcome.index]), []).append(_latency(outcome, timeout_s))
+    seconds = []
+    for start_s in sorted(groups):
+        latencies = sorted(groups[start_s])
+        seconds.append(Second(start_s, len(latencies), sum(map(math.isinf, latencies)),
+                              1000 * percentile(latencies, 0.99)))
+    return tuple(seconds)
