@@ -127,6 +127,35 @@ class LedgerServiceMixin:
         self.assertEqual(store.balance(B).balance, 300)
 
     @defer.inlineCallbacks
+    def test_transfer_then_answers_without_a_deferred_and_a_failing_caller_hurts_nobody(self):
+        """The PS's form: callbacks; one that raises is logged, the rest of its group
+        still get their results."""
+        yield defer.gatherResults([self.service.open_account(n) for n in (A, B)])
+        yield self.service.cash_in(A, 1000, "topup")
+        results, failures, done = [], [], defer.Deferred()
+
+        def raising(result):
+            raise RuntimeError("a caller's bug")
+
+        def kept(result):
+            results.append(result)
+            if len(results) == 2:
+                done.callback(None)
+
+        self.service.transfer_then(kept, failures.append, A, B, 100, "k1")
+        self.service.transfer_then(raising, failures.append, A, B, 200, "k2")
+        self.service.transfer_then(kept, failures.append, A, NOBODY, 300, "k3")
+        yield done
+        self.assertEqual([result.outcome for result in results],
+                         [Outcome.COMMITTED, Outcome.UNKNOWN_PAYEE])
+        self.assertEqual((failures, len(self.flushLoggedErrors(RuntimeError))), ([], 1))
+        self.assertEqual((yield self.service.balance(B)).balance, 300, "k2 moved too")
+        yield self.service.stopService()
+        self.service.transfer_then(kept, failures.append, A, B, 1, "late")
+        self.assertEqual([failure.type for failure in failures], [LedgerStopped],
+                         "refused at once")
+
+    @defer.inlineCallbacks
     def test_a_full_queue_sheds_load(self):
         yield self.service.stopService()
         self.service = LedgerService(self.opener(), reactor, max_pending=2)

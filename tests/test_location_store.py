@@ -73,6 +73,14 @@ class MemoryLocationStoreTests(LocationStoreBehaviour, unittest.TestCase):
         self.assertIsNotNone(found)
         self.assertEqual(len(self.time.wheel), 1, "the first timer was cancelled, not left behind")
 
+    def test_lookup_now_answers_at_once_as_lookup_does(self):
+        """In this process: a transfer looks its payee up with no Deferred."""
+        self.assertTrue(self.store.in_process)
+        self.store.bind(binding(), 1)
+        self.assertEqual(self.store.lookup_now(NUMBER), binding())
+        self.time.advance(2)
+        self.assertIsNone(self.store.lookup_now(NUMBER))
+
 
 class RedisLocationStoreTests(LocationStoreBehaviour, unittest.TestCase):
     """Against the Redis on 127.0.0.1:6379, under a key prefix of this run's own."""
@@ -89,6 +97,9 @@ class RedisLocationStoreTests(LocationStoreBehaviour, unittest.TestCase):
         if keys:
             yield self.redis.delete(keys)
         yield self.redis.disconnect()
+
+    def test_a_lookup_goes_to_redis(self):
+        self.assertFalse(self.store.in_process, "no lookup_now: another process may bind")
 
     @defer.inlineCallbacks
     def lapse(self, seconds):

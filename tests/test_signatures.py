@@ -211,6 +211,28 @@ class ChildProcessTests(unittest.TestCase):
         self.assertIsNone(process.pid, "reaped")
 
     @defer.inlineCallbacks
+    def test_check_then_gets_each_verdict_and_a_failing_receiver_keeps_the_link(self):
+        checks = yield self.started()
+        good, verdicts, done = signed(), [], defer.Deferred()
+
+        def raising(verdict):
+            raise RuntimeError("a receiver's bug")
+
+        def kept(verdict):
+            verdicts.append(verdict)
+            if len(verdicts) == 2:
+                done.callback(None)
+
+        checks.check_then(*good, raising)
+        checks.check_then(*good, kept)
+        checks.check_then(good[0], good[1], bytes(64), kept)
+        yield done
+        self.assertEqual(verdicts, [True, False])
+        self.assertEqual((checks.in_child, checks.restarts), (3, 0))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue((yield checks.check(*good)), "the same child answers on")
+
+    @defer.inlineCallbacks
     def test_a_killed_child_costs_no_check_and_is_started_again(self):
         checks = yield self.started(restart_delay_s=0.1)
         first = checks._link.process.pid

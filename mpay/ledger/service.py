@@ -9,7 +9,7 @@ reactor.  The methods and their arguments are those of the synchronous store
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -142,6 +142,15 @@ class LedgerService(Service):
         """Fires with a TransferResult; a repeated key gets the original (DUPLICATE)."""
         return self._write("transfer", payer, payee, amount, idempotency_key, kind, reference,
                            payer_signature)
+
+    def transfer_then(self, then: Callable[[Any], None], failed: Callable[[Any], None],
+                      payer: str, payee: str, amount: int, idempotency_key: str,
+                      kind: str = "transfer", reference: str = "",
+                      payer_signature: bytes | None = None) -> None:
+        """``transfer`` without the Deferred (the PS's path): *then* gets the TransferResult,
+        *failed* a Failure."""
+        self.writer.submit_then("transfer", (payer, payee, amount, idempotency_key, kind,
+                                             reference, payer_signature), then, failed)
 
     def cash_in(self, number: str, amount: int, idempotency_key: str,
                 reference: str = "") -> defer.Deferred:

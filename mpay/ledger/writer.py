@@ -11,11 +11,11 @@ costs one disk flush; an idle ledger commits each payment at once.
 ::
 
     reactor thread            writer thread                   database
-    transfer() -> Deferred
+    transfer() -> Deferred    (transfer_then(): callbacks, no Deferred)
         | SimpleQueue.put  ->  get, drain <= max_batch
                                BEGIN; run of transfers; ... COMMIT  -> fsync
         <- callFromThread(deliver results)
-    d.callback(TransferResult)
+    d.callback(TransferResult)   (or then(TransferResult))
 
 Stopping commits what is queued, closes the connection and joins the thread.
 Reads do not come here: ``service.py`` runs them on connections of their own.
@@ -105,14 +105,22 @@ class GroupCommitWriter:
 
     def submit(self, name: str, args: tuple) -> defer.Deferred:
         """Queue ``store._op_<name>(*args)``; the Deferred fires after its group commits."""
-        if self._stopping:
-            return defer.fail(LedgerStopped("the ledger is stopping"))
-        if self._pending >= self._max_pending:
-            return defer.fail(LedgerBusy(f"{self._pending} ledger operations queued"))
-        result = defer.Deferred()
-        self._pending += 1
-        self._queue.put((result, name, args))
+        result: defer.Deferred = defer.Deferred()
+        self.submit_then(name, args, result.callback, result.errback)
         return result
+
+    def submit_then(self, name: str, args: tuple, then: Callable[[Any], None],
+                    failed: Callable[[Failure], None]) -> None:
+        """``submit`` without the Deferred (a transfer's path): *then* gets the result after
+        its group commits, *failed* a Failure (at once, if the ledger is stopping or full)."""
+        if self._stopping:
+            failed(Failure(LedgerStopped("the ledger is stopping")))
+            return
+        if self._pending >= self._max_pending:
+            failed(Failure(LedgerBusy(f"{self._pending} ledger operations queued")))
+            return
+        self._pending += 1
+        self._queue.put((then, failed, name, args))
 
     def stop(self) -> defer.Deferred:
         """Commit what is queued, close the store, end the thread."""
@@ -183,7 +191,8 @@ class GroupCommitWriter:
                 continue
             retried, redone = store.batch_retries, store.run_conflicts
             try:
-                results: list[object] = store.run_batch([(name, args) for _, name, args in batch])
+                results: list[object] = store.run_batch([(name, args)
+                                                         for _, _, name, args in batch])
                 self.retries += store.batch_retries - retried
                 self.careful_redos += store.run_conflicts - redone
             except Exception as exc:
@@ -225,13 +234,16 @@ class GroupCommitWriter:
         self.operations += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         self._pending -= len(batch)
-        for (deferred, name, _), result in zip(batch, results):
-            if isinstance(result, BaseException):
-                if not isinstance(result, (LedgerError, ValueError)):
-                    log.failure("ledger operation {op} failed", Failure(result), op=name)
-                deferred.errback(Failure(result))
-            else:
-                deferred.callback(result)
+        for (then, failed, name, _), result in zip(batch, results):
+            try:
+                if isinstance(result, BaseException):
+                    if not isinstance(result, (LedgerError, ValueError)):
+                        log.failure("ledger operation {op} failed", Failure(result), op=name)
+                    failed(Failure(result))
+                else:
+                    then(result)
+            except Exception:     # one caller's bug must not keep the others' results
+                log.failure("ledger operation {op}: its caller failed on the result", op=name)
         assert self._pending >= 0, self._pending
 
     def _exited(self) -> None:

@@ -51,15 +51,24 @@ CHILD_MODULE = "mpay.payment.signature_jobs"
 
 class _Job(NamedTuple):
     seq: int
-    answered: defer.Deferred
+    then: Callable[[bool], None]     # gets the verdict
     public: bytes
     digest: bytes
     signature: bytes
     at: float               # when it was asked (the stall watchdog)
 
 
+def _answer(then: Callable[[bool], None], verdict: bool) -> None:
+    """A verdict to its asker, who must not take the link (a reader) down with it."""
+    try:
+        then(verdict)
+    except Exception:
+        SignatureChecks.log.failure("ps: a signature verdict's receiver failed")
+
+
 class SignatureChecks:
-    """``check(public, digest, signature)`` -> Deferred[bool], made in the child if it runs."""
+    """``check(public, digest, signature)`` -> Deferred[bool], made in the child if it runs;
+    ``check_then`` the same without the Deferred (a transfer's path)."""
 
     log = Logger()
 
@@ -76,14 +85,23 @@ class SignatureChecks:
         self._watchdog: Any = None
 
     def check(self, public: bytes, digest: bytes, signature: bytes) -> defer.Deferred:
+        answered: defer.Deferred = defer.Deferred()
+        self.check_then(public, digest, signature, answered.callback)
+        return answered
+
+    def check_then(self, public: bytes, digest: bytes, signature: bytes,
+                   then: Callable[[bool], None]) -> None:
+        """``then(verdict)`` once checked: at once when checked here, else when the child
+        answers (or fails over)."""
         link = self._link
         if (link is None or not link.ready or len(link.waiting) >= MAX_IN_FLIGHT_CHECKS
                 or len(public) != ED25519_PUBLIC_BYTES
                 or len(signature) != ED25519_SIGNATURE_BYTES or len(digest) != DIGEST_BYTES):
             self.inline += 1
-            return defer.succeed(verifies(public, digest, signature))
+            _answer(then, verifies(public, digest, signature))
+            return
         self.in_child += 1
-        return link.submit(public, digest, signature)
+        link.submit(public, digest, signature, then)
 
     def start(self) -> None:
         self.running = True
@@ -189,15 +207,14 @@ class _ChildLink:
     def logPrefix(self) -> str:
         return "signature-process"
 
-    def submit(self, public: bytes, digest: bytes, signature: bytes) -> defer.Deferred:
+    def submit(self, public: bytes, digest: bytes, signature: bytes,
+               then: Callable[[bool], None]) -> None:
         seq = self._seq
         self._seq = (seq + 1) % SEQ_MODULUS
-        answered = defer.Deferred()
-        self.waiting.append(_Job(seq, answered, public, digest, signature, self.reactor.seconds()))
+        self.waiting.append(_Job(seq, then, public, digest, signature, self.reactor.seconds()))
         self._jobs.append(JOB.pack(seq, public, signature, digest))
         if self._outstanding == 0 and self._turn_end is None:
             self._turn_end = self.reactor.callLater(0, self._end_of_turn)
-        return answered
 
     def _end_of_turn(self) -> None:
         self._turn_end = None
@@ -255,7 +272,7 @@ class _ChildLink:
                 self.owner.became_ready()
             elif self._outstanding and waiting[0].seq == seq:
                 self._outstanding -= 1
-                waiting.popleft().answered.callback(ok == 1)
+                _answer(waiting.popleft().then, ok == 1)
             else:
                 self.owner.lost(self, f"an answer out of order (seq {seq})")
                 return
@@ -272,7 +289,7 @@ class _ChildLink:
         self._jobs.clear()
         self._outstanding = 0
         for job in pending:
-            job.answered.callback(verifies(job.public, job.digest, job.signature))
+            _answer(job.then, verifies(job.public, job.digest, job.signature))
         return len(pending)
 
     def close(self) -> defer.Deferred:

@@ -256,8 +256,11 @@ class _Transfer:
         if record is None:
             self._refuse(403, "Payer Not Enrolled")
             return
-        self._then(self.owner.signatures.check(record.device_key, self.digest, self.signature),
-                   self._signature_checked)
+        self.owner.signatures.check_then(record.device_key, self.digest, self.signature,
+                                         self._verdict)
+
+    def _verdict(self, verifies: bool) -> None:
+        self._safely(self._signature_checked, verifies)
 
     def _signature_checked(self, verifies: bool) -> None:
         if not verifies and self.reread:      # the device may have enrolled anew
@@ -269,9 +272,12 @@ class _Transfer:
             return
         request, asked, payer = self.request, self.asked, self.flow.payer
         key = f"{payer}|{request.call_id}|{request.cseq[0]}"
-        self._then(self.owner.ledger.transfer(
-            payer, asked.payee, asked.amount, key, "transfer", reference=request.call_id,
-            payer_signature=self.signature), self._committed)
+        self.owner.ledger.transfer_then(
+            self._ledger_answered, self._failed, payer, asked.payee, asked.amount, key,
+            "transfer", reference=request.call_id, payer_signature=self.signature)
+
+    def _ledger_answered(self, result: TransferResult) -> None:
+        self._safely(self._committed, result)
 
     def _committed(self, result: TransferResult) -> None:
         if result.outcome in REFUSALS:
@@ -301,8 +307,11 @@ class _Transfer:
         self.signed = signed[0]
         self.notice = (ANONYMOUS_URI if conceal else e164.sip_uri(receipt.payer, owner.domain),
                        owner.notice(receipt, conceal, signed[-1]))
-        self._then(owner.locations.lookup(receipt.payee).addErrback(self._unlocated),
-                   self._located)
+        locations = owner.locations
+        if locations.in_process:      # the embedded store: no Deferred a transfer
+            self._located(locations.lookup_now(receipt.payee))
+            return
+        self._then(locations.lookup(receipt.payee).addErrback(self._unlocated), self._located)
 
     def _unlocated(self, failure: Any) -> None:
         # The money has moved; where the payee is cannot be told: like an offline

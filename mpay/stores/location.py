@@ -45,6 +45,8 @@ class Binding:
 
 
 class LocationStore(Protocol):
+    in_process: bool     # lookup_now() answers at once (no Deferred a request)
+
     def bind(self, binding: Binding, ttl_s: int) -> defer.Deferred: ...
     def lookup(self, number: str) -> defer.Deferred: ...
     def remove(self, number: str) -> defer.Deferred: ...
@@ -52,6 +54,8 @@ class LocationStore(Protocol):
 
 class MemoryLocationStore:
     """Bindings in a dict; each has one wheel timer, replaced on refresh."""
+
+    in_process = True
 
     def __init__(self, wheel: Any):
         self.wheel = wheel
@@ -72,8 +76,11 @@ class MemoryLocationStore:
             del self._bindings[number]
 
     def lookup(self, number: str) -> defer.Deferred:
+        return defer.succeed(self.lookup_now(number))
+
+    def lookup_now(self, number: str) -> Binding | None:
         entry = self._bindings.get(number)
-        return defer.succeed(entry[0] if entry is not None else None)
+        return entry[0] if entry is not None else None
 
     def remove(self, number: str) -> defer.Deferred:
         entry = self._bindings.pop(number, None)
@@ -87,6 +94,8 @@ class MemoryLocationStore:
 
 class RedisLocationStore:
     """One key per number, ``SET key json EX ttl``; Redis expires what lapses."""
+
+    in_process = False
 
     def __init__(self, redis: Any, prefix: str = "mpay:"):
         self.redis = redis
