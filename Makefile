@@ -14,7 +14,7 @@ COMPILED := mpay/auth/crypto.py mpay/auth/tickets.py mpay/auth/verifier.py mpay/
             mpay/sip/useragent.py mpay/sip/transaction.py mpay/sip/server_transaction.py \
             mpay/sip/client_transaction.py mpay/sip/linger.py mpay/sip/timing.py mpay/e164.py \
             mpay/payment/transfer_flow.py mpay/payment/receipt_groups.py mpay/payment/receipt.py \
-            mpay/payment/transfer.py mpay/sip/endpoint.py
+            mpay/payment/transfer.py mpay/sip/endpoint.py mpay/timewheel.py
 COMPILED_STAMP := build/.compiled-stamp
 
 .PHONY: run test bench demo clean sipp

@@ -33,7 +33,8 @@ from mpay.sip.overload import RESUME_BELOW_LAG_S, LagMonitorService, OverloadGua
 from mpay.sip.timing import TimerSettings
 from mpay.sip.tls import TLSConfigError
 from mpay.sip.transport import UDPListenerService
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 log = Logger()
 

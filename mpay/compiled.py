@@ -38,7 +38,7 @@ MODULES = ("mpay.auth.crypto", "mpay.auth.tickets", "mpay.auth.verifier", "mpay.
            "mpay.sip.useragent", "mpay.sip.transaction", "mpay.sip.server_transaction",
            "mpay.sip.client_transaction", "mpay.sip.linger", "mpay.sip.timing", "mpay.e164",
            "mpay.payment.transfer_flow", "mpay.payment.receipt_groups", "mpay.payment.receipt",
-           "mpay.payment.transfer", "mpay.sip.endpoint")
+           "mpay.payment.transfer", "mpay.sip.endpoint", "mpay.timewheel")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_DIR = os.path.join(ROOT, "build")
 # mypyc's shared runtime for the group, at the top of the checkout: <hash>__mypyc.*.so

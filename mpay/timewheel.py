@@ -2,7 +2,7 @@
 
 Every server timer (SIP retransmissions, ticket lifetimes, charging by time)
 lives here.  This module is sans-IO: it counts ticks and never sees a clock.
-``TimeWheelService`` at the bottom is the only piece that meets the reactor.
+``TimeWheelService`` (``timewheel_service.py``) is the piece that meets the reactor.
 
 Structure
 ---------
@@ -74,12 +74,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from math import ceil, floor, isfinite
+from math import ceil, isfinite
 from typing import Any, Callable
 
-from twisted.application import service
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 log = Logger()
@@ -99,7 +96,7 @@ MAX_DRAIN_BATCH = 1_000
 MAX_CATCHUP_TICKS = 10_000
 """Ticks replayed per reactor turn after a stall; the rest on the next turn."""
 
-_TICK_EPSILON = 1e-6
+TICK_EPSILON = 1e-6
 """Float noise tolerated when converting seconds to ticks, in ticks."""
 
 
@@ -179,7 +176,7 @@ class TimeWheel:
         """Call ``callback(*args)`` after ``delay_s`` seconds (0 = next tick)."""
         if not (0.0 <= delay_s <= MAX_DELAY_S):  # also rejects NaN
             raise ValueError(f"delay must be within 0..{MAX_DELAY_S} s, got {delay_s!r}")
-        when = self.now_tick + (ceil(delay_s / self.tick_s - _TICK_EPSILON) or 1)
+        when = self.now_tick + (ceil(delay_s / self.tick_s - TICK_EPSILON) or 1)
         slot = self._slot_for(when)
         handle = TimerHandle(self, slot, when, callback, args)
         slot[handle] = None
@@ -315,79 +312,3 @@ class TimeWheel:
             "total_expired": self.total_expired,
             "total_fired": self.total_fired,
         }
-
-
-class TimeWheelService(service.Service):
-    """Ticks a wheel from the reactor and runs what expires, in bounded batches.
-
-    Missed ticks (a stall, a busy reactor) are counted from ``reactor.seconds()``
-    and replayed, so a timer is late rather than lost.  Long catch-ups and big
-    expiry batches continue on a later reactor turn (``callLater(0)``) instead
-    of holding the reactor.
-    """
-
-    name = "timewheel"
-
-    def __init__(self, wheel: TimeWheel, reactor: IReactorTime | None = None, max_batch: int = MAX_DRAIN_BATCH):
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
-        self.wheel = wheel
-        self.max_batch = max_batch
-        self.stalls = 0  # turns that found more than one tick due
-        self._reactor = reactor
-        self._loop: LoopingCall | None = None
-        self._again: IDelayedCall | None = None  # the pending callLater(0) continuation
-        self._epoch = 0.0  # reactor time of wheel tick 0, seconds
-
-    def startService(self) -> None:
-        super().startService()
-        self._epoch = self._reactor.seconds() - self.wheel.now_tick * self.wheel.tick_s
-        self._loop = LoopingCall(self._run)
-        self._loop.clock = self._reactor
-        self._loop.start(self.wheel.tick_s, now=False).addErrback(
-            lambda failure: log.failure("time wheel driver stopped", failure)
-        )
-
-    def stopService(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        if self._again is not None and self._again.active():
-            self._again.cancel()
-        self._again = None
-        super().stopService()
-
-    def start(self, delay_s: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
-        """``wheel.start`` measured from reactor time rather than the last tick.
-
-        The wheel counts a delay from its last tick, which may be up to a tick
-        (or a stall) behind the reactor; adding that lag keeps a timer from
-        firing before ``delay_s`` seconds of reactor time.
-        """
-        if self.running:
-            lag = self._reactor.seconds() - self._epoch - self.wheel.now_tick * self.wheel.tick_s
-            delay_s += max(0.0, lag)
-        return self.wheel.start(delay_s, callback, *args)
-
-    def _due_tick(self) -> int:
-        return floor((self._reactor.seconds() - self._epoch) / self.wheel.tick_s + _TICK_EPSILON)
-
-    def _continue(self) -> None:
-        self._again = None
-        self._run()
-
-    def _run(self) -> None:
-        wheel = self.wheel
-        behind = self._due_tick() - wheel.now_tick
-        if behind > 1:
-            self.stalls += 1
-        for _ in range(min(behind, MAX_CATCHUP_TICKS)):
-            wheel.tick()
-        wheel.drain(self.max_batch)
-        more = behind > MAX_CATCHUP_TICKS or wheel.pending
-        if more and self._again is None and self.running:
-            self._again = self._reactor.callLater(0, self._continue)

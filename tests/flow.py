@@ -17,7 +17,8 @@ from mpay.sip.message import Request, parse
 from mpay.sip import tls
 from mpay.sip.stream import Flow, open_flow
 from mpay.sip.transport import UDPListenerService
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 
 class Recorder:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.internet import defer, protocol, task
 
 from mpay.sip.message import Request, Response, parse
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 TICK_S = 0.1
 

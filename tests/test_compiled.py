@@ -56,7 +56,8 @@ class InterpretedTests(unittest.TestCase):
     SUITES = ("tests.test_sip_message", "tests.test_sip_fuzz", "tests.test_sip_rfc4475",
               "tests.test_transaction", "tests.test_tickets", "tests.test_crypto",
               "tests.test_bodies", "tests.test_linger", "tests.test_receipt_groups",
-              "tests.test_e164", "tests.test_endpoint", "tests.test_transfer_flow.TransferTests",
+              "tests.test_e164", "tests.test_endpoint", "tests.test_timewheel",
+              "tests.test_transfer_flow.TransferTests",
               "tests.test_compiled.SourcesTests")
 
     def mktemp_dir(self) -> str:

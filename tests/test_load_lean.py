@@ -23,7 +23,8 @@ from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.message import Response, make_response, parse
 from mpay.sip.transport import SIPDatagramProtocol
 from mpay.sip.useragent import build_request
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 PS = ("127.0.0.1", 5070)
 PAYEE = ("127.0.0.1", 40001)

@@ -26,7 +26,8 @@ from mpay.sip.stream import (
     MAX_STREAM_HEADER_BYTES, FramingError, SIPStreamProtocol, StreamFramer,
     StreamListenerService, open_flow,
 )
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 PIPELINED = 1_000
 WAIT_TRIES, WAIT_EVERY_S = 200, 0.02

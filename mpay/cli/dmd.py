@@ -43,7 +43,8 @@ from mpay.sip import tls
 from mpay.sip.endpoint import SIPEndpoint, SIPTimeout
 from mpay.sip.stream import Flow, open_flow
 from mpay.sip.transport import UDPListenerService, parse_udp_description
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 DEFAULT_CONFIG = "etc/mpay.ini"
 STATE_DIR = "var/dmd"

@@ -23,7 +23,8 @@ from mpay.sim.device import Device, DeviceState
 from mpay.sim.modem import ring_via_control
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.transport import UDPListenerService
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 DEVICE_TICK_S = 0.1
 """Resolution of the devices' own time wheel (retransmission timers)."""

@@ -42,7 +42,8 @@ from mpay.sim.device import Device, DeviceState
 from mpay.sip.endpoint import SIPEndpoint
 from mpay.sip.message import Request
 from mpay.sip.transport import UDPListenerService
-from mpay.timewheel import TimeWheel, TimeWheelService
+from mpay.timewheel import TimeWheel
+from mpay.timewheel_service import TimeWheelService
 
 PRECOMPUTE_AHEAD_S = 120.0
 """Requests are built at most this long before they are due: well inside the PS's 300 s skew."""
