@@ -1,4 +1,5 @@
-"""Shared test doubles: the real time wheel on a task.Clock, a recording wire, a child's output."""
+"""Shared test doubles: the real time wheel on a task.Clock, a recording wire, a child's output,
+callback receivers."""
 
 from __future__ import annotations
 
@@ -69,6 +70,25 @@ def make_request(method: str = "OPTIONS", **kwargs) -> Request:
     message = parse(request_bytes(method, **kwargs))
     assert isinstance(message, Request)
     return message
+
+
+class Receivers:
+    """Callbacks for an API that answers by callback: ``kept`` records, and *done* fires
+    after *count* of them; ``raising`` is a receiver with a bug."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.results: list = []
+        self.done = defer.Deferred()
+
+    def kept(self, result) -> None:
+        self.results.append(result)
+        if len(self.results) == self.count:
+            self.done.callback(None)
+
+    @staticmethod
+    def raising(result) -> None:
+        raise RuntimeError("a receiver's bug")
 
 
 class ProcessOutput(protocol.ProcessProtocol):

@@ -35,6 +35,7 @@ from mpay.ledger.api import LedgerBusy, LedgerError, LedgerStopped, Outcome, Unk
 from mpay.ledger.service import LedgerService
 from mpay.ledger.sqlite import SQLiteStore
 from tests.ledger_backends import NOBODY, PUB, REPO, A, B, C, PostgresBackend, SQLiteBackend
+from tests.support import Receivers
 
 
 class LedgerServiceMixin:
@@ -132,26 +133,17 @@ class LedgerServiceMixin:
         still get their results."""
         yield defer.gatherResults([self.service.open_account(n) for n in (A, B)])
         yield self.service.cash_in(A, 1000, "topup")
-        results, failures, done = [], [], defer.Deferred()
-
-        def raising(result):
-            raise RuntimeError("a caller's bug")
-
-        def kept(result):
-            results.append(result)
-            if len(results) == 2:
-                done.callback(None)
-
-        self.service.transfer_then(kept, failures.append, A, B, 100, "k1")
-        self.service.transfer_then(raising, failures.append, A, B, 200, "k2")
-        self.service.transfer_then(kept, failures.append, A, NOBODY, 300, "k3")
-        yield done
-        self.assertEqual([result.outcome for result in results],
+        receivers, failures = Receivers(2), []
+        self.service.transfer_then(receivers.kept, failures.append, A, B, 100, "k1")
+        self.service.transfer_then(receivers.raising, failures.append, A, B, 200, "k2")
+        self.service.transfer_then(receivers.kept, failures.append, A, NOBODY, 300, "k3")
+        yield receivers.done
+        self.assertEqual([result.outcome for result in receivers.results],
                          [Outcome.COMMITTED, Outcome.UNKNOWN_PAYEE])
         self.assertEqual((failures, len(self.flushLoggedErrors(RuntimeError))), ([], 1))
         self.assertEqual((yield self.service.balance(B)).balance, 300, "k2 moved too")
         yield self.service.stopService()
-        self.service.transfer_then(kept, failures.append, A, B, 1, "late")
+        self.service.transfer_then(receivers.kept, failures.append, A, B, 1, "late")
         self.assertEqual([failure.type for failure in failures], [LedgerStopped],
                          "refused at once")
 

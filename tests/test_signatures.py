@@ -13,6 +13,7 @@ from mpay.auth import crypto
 from mpay.payment import receipt as receipts
 from mpay.payment import signature_jobs as jobs
 from mpay.payment import signatures as sigs
+from tests.support import Receivers
 
 FUZZ = settings(max_examples=200, deadline=None)
 READY_WAIT_S = 20.0      # a loaded CI machine may take seconds to start a Python
@@ -213,21 +214,12 @@ class ChildProcessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_check_then_gets_each_verdict_and_a_failing_receiver_keeps_the_link(self):
         checks = yield self.started()
-        good, verdicts, done = signed(), [], defer.Deferred()
-
-        def raising(verdict):
-            raise RuntimeError("a receiver's bug")
-
-        def kept(verdict):
-            verdicts.append(verdict)
-            if len(verdicts) == 2:
-                done.callback(None)
-
-        checks.check_then(*good, raising)
-        checks.check_then(*good, kept)
-        checks.check_then(good[0], good[1], bytes(64), kept)
-        yield done
-        self.assertEqual(verdicts, [True, False])
+        good, receivers = signed(), Receivers(2)
+        checks.check_then(*good, receivers.raising)
+        checks.check_then(*good, receivers.kept)
+        checks.check_then(good[0], good[1], bytes(64), receivers.kept)
+        yield receivers.done
+        self.assertEqual(receivers.results, [True, False])
         self.assertEqual((checks.in_child, checks.restarts), (3, 0))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue((yield checks.check(*good)), "the same child answers on")

@@ -15,7 +15,8 @@ from mpay.load.run import RateReport
 from mpay.load.stats import BAR_P99_MS
 
 CSV_FIELDS = ("rate_per_min", "count", "succeeded", "success", "mean_ms", "p50_ms", "p99_ms",
-              "send_lag_p99_ms", "worst_second_p99_ms", "slow_seconds", "server_processes", "server_cpu_pct", "server_cpu_by_process",
+              "send_lag_p99_ms", "worst_second_p99_ms", "slow_seconds", "server_processes",
+              "server_cpu_pct", "server_cpu_by_process",
               "backend_cpu_pct", "generator_cpu_pct", "payee_cpu_pct",
               "busiest_sender_cpu_pct", "precompute_us", "duration_s",
               "statuses", "late", "resent", "audit_ok", "journal_checked", "journal_missing",

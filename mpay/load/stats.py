@@ -89,8 +89,6 @@ class RunStats:
         by index) for the seconds; *measured* are the CPU figures, the run's duration
         and the generator's name."""
         outcomes = list(outcomes)
-        if offsets is not None:
-            measured["seconds"] = by_second(outcomes, offsets, timeout_s)
         latencies, succeeded, statuses, late = [], [], Counter(), 0
         for outcome in outcomes:
             statuses["none" if outcome.status is None else str(outcome.status)] += 1
@@ -100,6 +98,9 @@ class RunStats:
                 succeeded.append(latency)
             elif outcome.status == SUCCESS_STATUS:
                 late += 1
+        if offsets is not None:
+            measured["seconds"] = by_second(
+                [offsets[outcome.index] for outcome in outcomes], latencies)
         latencies.sort()
         lags = sorted(outcome.lag_s for outcome in outcomes)
         return cls(rate_per_min=rate_per_min, sent=len(outcomes), succeeded=len(succeeded),
@@ -122,12 +123,12 @@ def _latency(outcome: Outcome, timeout_s: float) -> float:
     return math.inf
 
 
-def by_second(outcomes: list[Outcome], offsets: list[float],
-              timeout_s: float) -> tuple[Second, ...]:
-    """*outcomes* grouped by the whole second of the schedule each was due to leave in."""
+def by_second(due_s: list[float], latencies: list[float]) -> tuple[Second, ...]:
+    """Each request's latency (``inf``: failed) grouped by the whole second of the schedule
+    it was due to leave in (*due_s*, in the same order)."""
     groups: dict[int, list[float]] = {}
-    for outcome in outcomes:
-        groups.setdefault(int(offsets[outcome.index]), []).append(_latency(outcome, timeout_s))
+    for due, latency in zip(due_s, latencies):
+        groups.setdefault(int(due), []).append(latency)
     seconds = []
     for start_s in sorted(groups):
         latencies = sorted(groups[start_s])
