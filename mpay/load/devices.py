@@ -35,6 +35,16 @@ TAG_KEY_BYTES = 16
 """The key a lean payee derives its To tags from (blake2s takes up to 32)."""
 
 
+class NoRequests:
+    """The core of an endpoint that serves no requests (a payer's; the payees' shared
+    port while they register from it)."""
+
+    handlers: dict = {}
+
+    def ack_received(self, request: Any, addr: Any) -> None:
+        """Nothing is INVITEd here."""
+
+
 class SimDevices:
     """Devices for the servers at *as_addr* / *ps_addr*; :meth:`stop` closes them all.
 
@@ -73,12 +83,7 @@ class SimDevices:
 
     def device(self, number: str, state: DeviceState | None = None) -> Device:
         """A device listening on a port of its own (not yet enrolled unless *state* is)."""
-        device = Device(state or DeviceState.new(number), domain=self.domain,
-                        as_addr=self.as_addr, ps_addr=self.ps_addr,
-                        as_identity=self.config["as"]["identity"],
-                        pinned_as_key=self.pinned_as_key, ring=self.ring,
-                        clock=self.reactor.seconds, reactor=self.reactor,
-                        pinned_ps_key=self.pinned_ps_key)
+        device = self.device_for(state or DeviceState.new(number), None)
         device.endpoint = SIPEndpoint("dmd", device, self.timers)
         listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", device.endpoint,
                                       reactor=self.reactor)
@@ -93,6 +98,36 @@ class SimDevices:
         yield device.enroll()
         yield device.get_ticket()
         yield device.register()
+        return device
+
+    @defer.inlineCallbacks
+    def register_together(self, devices: list[Device]):
+        """Each of *devices* registered again, all from one new UDP port, which is then
+        closed for another program to answer their notices on (SIPp): fires with the port.
+
+        The registrar routes by where a REGISTER came from, so this is how one SIPp
+        serves every payee; the devices' own listeners stay, and no longer get notices.
+        """
+        endpoint = SIPEndpoint("dmd", NoRequests(), self.timers)
+        listener = UDPListenerService(f"udp:0:interface={LOOPBACK}", endpoint,
+                                      reactor=self.reactor)
+        listener.startService()
+        try:
+            port = endpoint.sent_by[1]
+            for device in devices:
+                yield self.device_for(device.state, endpoint).register()
+        finally:
+            yield listener.stopService()
+        return port
+
+    def device_for(self, state: DeviceState, endpoint: SIPEndpoint) -> Device:
+        """A device of *state* on *endpoint* (another device's, or one shared)."""
+        device = Device(state, domain=self.domain, as_addr=self.as_addr, ps_addr=self.ps_addr,
+                        as_identity=self.config["as"]["identity"],
+                        pinned_as_key=self.pinned_as_key, ring=self.ring,
+                        clock=self.reactor.seconds, reactor=self.reactor,
+                        pinned_ps_key=self.pinned_ps_key)
+        device.endpoint = endpoint
         return device
 
     def answer_notices(self, device: Device) -> NoticeAnswerer:

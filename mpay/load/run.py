@@ -22,7 +22,9 @@ import gc
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -30,14 +32,15 @@ from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 
 from mpay.load import schedule as schedules
+from mpay.load import sipp
 from mpay.load.backends import Backends
 from mpay.load.books import LedgerRef
-from mpay.load.devices import SimDevices
+from mpay.load.devices import LOOPBACK, SimDevices
 from mpay.load.server import (
     REPO, SINGLE_NAME, cpu_used, processes_cpu_s, run_admin, tree_cpu_s, worker_names,
 )
 from mpay.load.stats import Outcome, RunStats
-from mpay.load.worker import LEAN, cpu_s
+from mpay.load.worker import LEAN, PRECOMPUTE_AHEAD_S, SIPP, cpu_s
 
 DEFAULT_COUNT_PER_RATE = 1_000
 DEFAULT_PAYERS = 8
@@ -96,6 +99,7 @@ class LoadSettings:
     timeout_s: float = RESPONSE_TIMEOUT_S
     min_seconds: float = 0.0         # each rate runs at least this long (more than ``count``)
     generator: str = LEAN            # the load generator: lean (bytes), or the SIP stack
+    nice: int = 0                    # the senders' (and SIPp's) niceness
 
     def count_for(self, rate_per_min: float) -> int:
         """Requests for *rate_per_min*: ``count``, or more to keep it up ``min_seconds``."""
@@ -128,6 +132,17 @@ class RateReport:
     @property
     def books_ok(self) -> bool:
         return self.audit_ok and self.journal_missing == 0
+
+
+def check_schedule(settings: LoadSettings, offsets: list[float]) -> None:
+    """Refuse (RuntimeError) a schedule its generator cannot keep honestly: SIPp's
+    senders build every request before the start, and an authenticator must leave
+    within PRECOMPUTE_AHEAD_S of being made."""
+    if settings.generator == SIPP and offsets and offsets[-1] > PRECOMPUTE_AHEAD_S:
+        raise RuntimeError(
+            f"--generator sipp builds every request before the start: {len(offsets)} take"
+            f" {offsets[-1]:.0f} s, and an authenticator must leave within"
+            f" {PRECOMPUTE_AHEAD_S:.0f} s of being made (fewer, faster, or --generator lean)")
 
 
 class _Sender(protocol.ProcessProtocol):
@@ -189,6 +204,8 @@ class LoadRunner:
         self.payees: list[Any] = []
         self._redis_pid: int | None = None
         self.holders: dict[str, str | None] = {}   # number -> the PS process holding it
+        self.payee_sipp: sipp.SippProcess | None = None  # --generator sipp: the payees' SIPp
+        self._sipp_directory: str | None = None
 
     @defer.inlineCallbacks
     def prepare(self):
@@ -213,6 +230,28 @@ class LoadRunner:
         if self.settings.generator == LEAN:
             for payee in self.payees:
                 self.devices.answer_notices(payee)
+        elif self.settings.generator == SIPP:
+            yield self._start_payee_sipp()
+
+    @defer.inlineCallbacks
+    def _start_payee_sipp(self):
+        """Every payee registered from one port, and a SIPp answering its notices there."""
+        binary = sipp.binary()
+        if binary is None:
+            raise RuntimeError("--generator sipp: SIPp is not installed (Debian: sip-tester)")
+        port = yield self.devices.register_together(self.payees)
+        self._sipp_directory = tempfile.mkdtemp(prefix="mpay-sipp-payees-")
+        with open(os.path.join(self._sipp_directory, "uas.xml"), "w") as scenario:
+            scenario.write(sipp.uas_scenario())
+        command = sipp.uas_command(binary, self._sipp_directory, LOOPBACK, port)
+        if self.settings.nice:
+            command = ["nice", "-n", str(self.settings.nice), *command]
+        self.payee_sipp = sipp.SippProcess()
+        self.reactor.spawnProcess(self.payee_sipp, command[0], command, env=dict(os.environ),
+                                  path=self._sipp_directory)
+        # Its socket is bound before it reads the scenario's first message: wait for it to be
+        # listening (or to have failed) before the first notice can come.
+        yield sipp.until_bound(self.reactor, LOOPBACK, port, self.payee_sipp)
 
     def devices_by_process(self) -> tuple[tuple[str, int, int], ...]:
         """(PS name, payers, payees) it holds, from the Redis bindings (empty without Redis)."""
@@ -224,12 +263,21 @@ class LoadRunner:
                     counts.setdefault(holder or SINGLE_NAME, [0, 0])[group] += 1
         return tuple((name, *counts[name]) for name in sorted(counts))
 
-    def stop(self) -> defer.Deferred:
-        return self.devices.stop()
+    @defer.inlineCallbacks
+    def stop(self):
+        if self.payee_sipp is not None:
+            yield self.payee_sipp.stop(self.reactor)
+            self.payee_sipp = None
+        if self._sipp_directory is not None:
+            shutil.rmtree(self._sipp_directory, ignore_errors=True)
+            self._sipp_directory = None
+        yield self.devices.stop()
 
-    def _plan(self, worker: int, share: list[tuple[int, float]]) -> dict:
+    def _plan(self, worker: int, share: list[tuple[int, float]], rate_per_min: float) -> dict:
         payers = self.payers[worker::self.settings.workers]
         return {"ps_addr": list(self.target.ps_addr), "domain": self.devices.domain,
+                "rate_per_min": rate_per_min / self.settings.workers, "nice": self.settings.nice,
+                "run_tag": f"{os.urandom(6).hex()}-{worker}",
                 "payers": [asdict(payer.state) for payer in payers],
                 "payees": [payee.state.number for payee in self.payees],
                 "amount_minor": TRANSFER_AMOUNT_MINOR, "timeout_s": self.settings.timeout_s,
@@ -241,6 +289,7 @@ class LoadRunner:
         settings = self.settings
         count = settings.count_for(rate_per_min)
         offsets = schedules.arrivals(settings.arrival, rate_per_min, count, settings.seed)
+        check_schedule(settings, offsets)
         shares = schedules.split(offsets, settings.workers)
         senders = []
 
@@ -252,14 +301,14 @@ class LoadRunner:
             self.reactor.spawnProcess(sender, sys.executable,
                                       [sys.executable, "-m", "mpay.load.worker"],
                                       env=dict(os.environ), path=REPO)
-            sender.send(self._plan(worker, share))
+            sender.send(self._plan(worker, share, rate_per_min))
             senders.append(sender)
         readies = yield defer.gatherResults([sender.ready for sender in senders],
                                             consumeErrors=True)
         backend_cpu_before = processes_cpu_s((yield threads.deferToThread(self._backend_pids)))
         start_at = self.reactor.seconds() + START_DELAY_S
         server_cpu_before = self._server_cpu()
-        own_cpu_before = cpu_s()
+        own_cpu_before = cpu_s() + self._payee_sipp_cpu_s()
         for sender in senders:
             sender.send({"start_at": start_at})
         # The payees' own collector pauses (gen2 took 50-90 ms here) would be charged to
@@ -276,7 +325,7 @@ class LoadRunner:
         backend_cpu_after = processes_cpu_s(list(backend_cpu_before))
         backend_cpu_s = sum(backend_cpu_after[pid] - backend_cpu_before[pid]
                             for pid in backend_cpu_after)
-        payee_cpu_s = cpu_s() - own_cpu_before
+        payee_cpu_s = cpu_s() + self._payee_sipp_cpu_s() - own_cpu_before
         generator_cpu_s = payee_cpu_s + sum(result["cpu_s"] for result in results)
         self.progress(count, count)
         outcomes = [Outcome(*entry) for result in results for entry in result["result"]]
@@ -299,6 +348,12 @@ class LoadRunner:
                              else math.nan),
             server_cpu_by_process=self._by_name(server_cpu, duration_s),
             devices_by_process=self.devices_by_process())
+
+    def _payee_sipp_cpu_s(self) -> float:
+        """The payees' SIPp's CPU seconds so far (0 without one)."""
+        if self.payee_sipp is None or self.payee_sipp.pid is None:
+            return 0.0
+        return processes_cpu_s([self.payee_sipp.pid]).get(self.payee_sipp.pid, 0.0)
 
     def _server_cpu(self) -> dict[int, float]:
         """CPU seconds of each of the server's processes (none when its pid is not known)."""

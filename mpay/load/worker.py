@@ -24,7 +24,10 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import resource
+import shutil
+import tempfile
 from collections import deque
 from typing import Any, Callable
 
@@ -35,7 +38,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
-from mpay.load.devices import LOOPBACK
+from mpay.load import sipp
+from mpay.load.devices import LOOPBACK, NoRequests
 from mpay.load.lean import RETRANSMIT_TICK_S, LeanClient, Prepared, journal_id_of, prepare
 from mpay.load.stats import Outcome
 from mpay.sim.device import Device, DeviceState
@@ -60,9 +64,10 @@ MAX_CONTROL_LINE_BYTES = 64 * 1024 * 1024
 SENDER_TICK_S = 0.1
 """The stack sender's time wheel (retransmission timers)."""
 
-STACK, LEAN = "stack", "lean"
-GENERATORS = (STACK, LEAN)
-"""The load generators: every message through the SIP stack, or bytes (``mpay.load.lean``)."""
+STACK, LEAN, SIPP = "stack", "lean", sipp.SIPP
+GENERATORS = (STACK, LEAN, SIPP)
+"""The load generators: every message through the SIP stack, bytes (``mpay.load.lean``), or
+SIPp (``mpay.load.sipp``)."""
 
 log = Logger()
 
@@ -73,13 +78,15 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class _NoRequests:
-    """A payer's endpoint serves no requests (the notices go to the payees' own)."""
-
-    handlers: dict = {}
-
-    def ack_received(self, request: Request, addr: Any) -> None:
-        """Nothing is INVITEd here."""
+def payer_device(reactor, state: DeviceState, domain: str, ps_addr: tuple[str, int],
+                 endpoint: Any) -> tuple[Device, Ed25519PrivateKey]:
+    """An enrolled payer's Device that only builds requests (sent from *endpoint*), and its
+    key, loaded once."""
+    device = Device(state, domain=domain, as_addr=ps_addr, ps_addr=ps_addr, as_identity="",
+                    pinned_as_key=None, ring=lambda number, line: None, clock=reactor.seconds,
+                    reactor=reactor)
+    device.endpoint = endpoint
+    return device, state.private_key()
 
 
 class _Simulator:
@@ -119,11 +126,7 @@ class _Simulator:
         self._progress: task.LoopingCall | None = None
 
     def _payer(self, state: DeviceState, domain: str) -> tuple[Device, Ed25519PrivateKey]:
-        device = Device(state, domain=domain, as_addr=self.ps_addr, ps_addr=self.ps_addr,
-                        as_identity="", pinned_as_key=None, ring=lambda number, line: None,
-                        clock=self.reactor.seconds, reactor=self.reactor)
-        device.endpoint = self._endpoint()
-        return device, state.private_key()
+        return payer_device(self.reactor, state, domain, self.ps_addr, self._endpoint())
 
     def prepare(self) -> dict:
         """Bind, build what the first PRECOMPUTE_AHEAD_S need; the ``ready`` report."""
@@ -224,7 +227,7 @@ class PayerSimulator(_Simulator):
         super().__init__(reactor, plan, emit)
 
     def _endpoint(self) -> SIPEndpoint:
-        endpoint = SIPEndpoint("payer", _NoRequests(), self.timers)
+        endpoint = SIPEndpoint("payer", NoRequests(), self.timers)
         UDPListenerService(f"udp:0:interface={LOOPBACK}", endpoint,
                            reactor=self.reactor).setServiceParent(self.services)
         self.endpoints.append(endpoint)
@@ -335,7 +338,142 @@ class LeanPayerSimulator(_Simulator):
         return defer.gatherResults([payer_socket.close() for payer_socket in self.sockets])
 
 
-SIMULATORS = {STACK: PayerSimulator, LEAN: LeanPayerSimulator}
+class _SippSocket:
+    """What a payer's Device builds with under SIPp: SIPp's address (its own port is SIPp's
+    choice, and only the IP is in an authenticator)."""
+
+    def __init__(self) -> None:
+        self.sent_by = (LOOPBACK, sipp.ANY_PORT)
+
+
+class SippPayerSimulator:
+    """The SIPp generator's sender: the whole share built ahead into SIPp's injection file,
+    then one SIPp sends it at the share's rate (``mpay.load.sipp``).
+
+    SIPp keeps its own pace from its own start: a call's lag is against SIPp's
+    first send, not against ``start_at`` (SIPp's start-up, reading the file,
+    is not the server's doing).  The CPU reported is this process's and SIPp's.
+    """
+
+    generator = sipp.SIPP
+
+    def __init__(self, reactor, plan: dict, emit: Callable[[dict], None]):
+        self.reactor = reactor
+        self.emit = emit
+        self.ps_addr = tuple(plan["ps_addr"])
+        self.domain = plan["domain"]
+        self.payees: list[str] = plan["payees"]
+        self.amount: int = plan["amount_minor"]
+        self.timeout_s: float = plan["timeout_s"]
+        self.rate_per_min: float = plan["rate_per_min"]
+        self.schedule: list[tuple[int, float]] = [tuple(entry) for entry in plan["schedule"]]
+        self.run_tag = plan["run_tag"]
+        self.sipp = sipp.binary()
+        if self.sipp is None:
+            raise RuntimeError("--generator sipp: SIPp is not installed (Debian: sip-tester)")
+        # The parent refused a longer one (run.check_schedule): all of it is built ahead.
+        assert not self.schedule or self.schedule[-1][1] <= PRECOMPUTE_AHEAD_S, self.schedule[-1]
+        self.payers = [payer_device(reactor, DeviceState(**state), self.domain, self.ps_addr,
+                                    _SippSocket()) for state in plan["payers"]]
+        self.directory = tempfile.mkdtemp(prefix="mpay-sipp-")
+        self.process: sipp.SippProcess | None = None
+        self.finished: defer.Deferred = defer.Deferred()
+        self._precompute_cpu_s = 0.0
+        self._cpu_at_start = 0.0
+        self._progress: task.LoopingCall | None = None
+        self._logged = 0
+
+    def prepare(self) -> dict:
+        started = cpu_s()
+        lines = []
+        for built, (index, _) in enumerate(self.schedule):
+            device, key = self.payers[built % len(self.payers)]
+            payee = self.payees[index % len(self.payees)]
+            request = device.transfer_request(
+                payee, self.amount, signing_key=key, body_end=sipp.BODY_END,
+                call_id=sipp.call_id(self.run_tag, built + 1, LOOPBACK))
+            lines.append(sipp.call_fields(request, payee, device.state.number, self.domain).line())
+        body = json.dumps({"amount": self.amount}).encode() + sipp.BODY_END
+        files = {"calls.csv": sipp.injection_file(lines),
+                 "uac.xml": sipp.uac_scenario(self.domain, body)}
+        for name, text in files.items():
+            with open(os.path.join(self.directory, name), "w") as out:
+                out.write(text)
+        self._precompute_cpu_s = cpu_s() - started
+        return {"ready": len(lines), "precompute_cpu_s": self._precompute_cpu_s}
+
+    def go(self, start_at: float) -> defer.Deferred:
+        self._cpu_at_start = cpu_s()
+        self.reactor.callLater(max(0.0, start_at - self.reactor.seconds()), self._start)
+        return self.finished
+
+    def _start(self) -> None:
+        assert self.sipp is not None
+        command = sipp.uac_command(self.sipp, self.directory, self.ps_addr, host=LOOPBACK,
+                                   run_tag=self.run_tag, calls=len(self.schedule),
+                                   rate_per_min=self.rate_per_min, timeout_s=self.timeout_s)
+        self.process = sipp.SippProcess()
+        self.reactor.spawnProcess(self.process, command[0], command, env=dict(os.environ),
+                                  path=self.directory)
+        self._progress = task.LoopingCall(self._report_progress)
+        self._progress.clock = self.reactor
+        self._progress.start(PROGRESS_EVERY_S, now=False)
+        self.process.ended.addCallback(self._ended)
+
+    def _log_lines(self) -> list[str]:
+        try:
+            with open(os.path.join(self.directory, "calls.log")) as log_file:
+                return log_file.readlines()
+        except FileNotFoundError:
+            return []
+
+    def _report_progress(self) -> None:
+        try:
+            size = os.path.getsize(os.path.join(self.directory, "calls.log"))
+        except OSError:
+            size = 0
+        # A line is about 60 bytes: progress need not be exact, the result is.
+        self.emit({"answered": min(len(self.schedule), size // sipp.LOG_LINE_BYTES), "sent": 0})
+
+    def _ended(self, code: int | None) -> None:
+        if self._progress is not None and self._progress.running:
+            self._progress.stop()
+        calls = sipp.read_calls(self._log_lines())
+        if not calls and self.schedule:
+            assert self.process is not None
+            log.error("sipp exited {code} without answering a call: {output}", code=code,
+                      output=bytes(self.process.output[-4000:]).decode("utf-8", "replace"))
+        first_sent = min((call.sent_s for call in calls.values()), default=0.0)
+        first_offset = self.schedule[0][1] if self.schedule else 0.0
+        outcomes = []
+        for number, (index, offset) in enumerate(self.schedule, start=1):
+            call = calls.get(number)
+            if call is None:
+                outcomes.append(Outcome(index, None, None, 0.0))
+                continue
+            lag = call.sent_s - (first_sent + offset - first_offset)
+            outcomes.append(Outcome(index, call.status, call.latency_s, max(0.0, lag),
+                                    call.journal_id))
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run_cpu_s = cpu_s() - self._cpu_at_start + children.ru_utime + children.ru_stime
+        try:
+            with open(os.path.join(self.directory, "stats.csv")) as stats:
+                resent = sipp.retransmissions(stats.read())
+        except FileNotFoundError:
+            resent = 0
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.finished.callback({"result": [list(outcome) for outcome in outcomes],
+                                "cpu_s": run_cpu_s, "precompute_cpu_s": self._precompute_cpu_s,
+                                "resent": resent, "generator": self.generator})
+
+    def close(self) -> defer.Deferred:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.process is None:
+            return defer.succeed(None)
+        return self.process.stop(self.reactor)
+
+
+SIMULATORS = {STACK: PayerSimulator, LEAN: LeanPayerSimulator, sipp.SIPP: SippPayerSimulator}
 
 
 class _Control(LineReceiver):
@@ -360,6 +498,8 @@ class _Control(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         message = json.loads(line)
         if self.simulator is None:
+            if message.get("nice"):
+                os.nice(message["nice"])    # SIPp, started from here, inherits it
             simulator = SIMULATORS[message.get("generator", STACK)]
             self.simulator = simulator(self.reactor, message, self.emit)
             self.emit(self.simulator.prepare())

@@ -296,18 +296,23 @@ class Device(ChargingSide):
 
     # -- payments ------------------------------------------------------------------
     def transfer_request(self, payee: str, amount: int, conceal: bool = False,
-                         signing_key: Ed25519PrivateKey | None = None) -> Request:
+                         signing_key: Ed25519PrivateKey | None = None, *,
+                         call_id: str | None = None, body_end: bytes = b"") -> Request:
         """The MESSAGE paying *payee*: signed, ticket and fresh authenticator attached.
 
         A load generator builds these ahead of sending (the authenticator's
-        timestamp must stay within the PS's skew), passing the key loaded once.
+        timestamp must stay within the PS's skew), passing the key loaded once;
+        SIPp sends them with its own Call-ID (*call_id*) and a CRLF after the
+        JSON (*body_end*), both in the digest that is signed.
         """
         fields: dict[str, Any] = {"amount": amount}
         if conceal:
             fields["conceal"] = True
+        extra = {"call_id": call_id} if call_id is not None else {}
         request = self._request("MESSAGE", e164.sip_uri(payee, self.domain),
                                 to_uri=e164.sip_uri(payee, self.domain),
-                                body=json.dumps(fields).encode(), content_type=TRANSFER_CONTENT_TYPE)
+                                body=json.dumps(fields).encode() + body_end,
+                                content_type=TRANSFER_CONTENT_TYPE, **extra)
         key = signing_key or self.state.private_key()
         request.headers.add(receipts.SIGNATURE_HEADER,
                             receipts.sign_request(key, wire.digest_of(request)))
