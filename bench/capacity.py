@@ -17,7 +17,7 @@ redis``, with the SQLite file or PostgreSQL as the shared ledger), the server's
 CPU summed over them.
 
     python bench/capacity.py [--quick] [--backends redis,postgres] [--server-workers N]
-                             [--generator lean|stack] [--csv PATH] [--plot PATH]
+                             [--generator lean|stack|sipp] [--csv PATH] [--plot PATH]
 
 It is the same as (which the README's table was measured with, longer)::
 
@@ -52,7 +52,7 @@ def main(reactor, argv=None):
     parser.add_argument("--backends", default="",
                         help="redis, postgres or redis,postgres (default: the embedded ones)")
     parser.add_argument("--server-workers", help="PS processes (needs --backends redis)")
-    parser.add_argument("--generator", help="lean (mpay-load's default) or stack")
+    parser.add_argument("--generator", help="lean (mpay-load's default), stack or sipp")
     parser.add_argument("--csv")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
