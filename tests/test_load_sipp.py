@@ -171,3 +171,50 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(load.parse_args([]).nice, load.GENERATOR_NICE)
         self.assertGreater(load.GENERATOR_NICE, 0)
         self.assertEqual(load.parse_args(["--nice", "0"]).nice, 0)
+
+
+class SenderTests(unittest.TestCase):
+    """The sender's reading of SIPp's log: outcomes in schedule order, or no run at all."""
+
+    if sipp.binary() is None:
+        skip = "SIPp is not installed (Debian package sip-tester; `make test` installs it as root)"
+
+    def simulator(self):
+        from dataclasses import asdict
+
+        from twisted.internet import task
+
+        from mpay.load.worker import SippPayerSimulator
+        plan = {"ps_addr": ["127.0.0.1", 5060], "domain": DOMAIN, "payees": [PAYEE],
+                "amount_minor": 1, "timeout_s": 2.0, "rate_per_min": 600.0, "run_tag": "t-0",
+                "payers": [asdict(payer().state)], "schedule": [[4, 0.0], [6, 0.1], [8, 0.2]]}
+        simulator = SippPayerSimulator(task.Clock(), plan, lambda report: None)
+        self.addCleanup(simulator.close)
+        simulator.process = sipp.SippProcess()
+        simulator.process.output += b"sipp: could not bind"
+        return simulator
+
+    def write_log(self, simulator, text: str) -> None:
+        with open(os.path.join(simulator.directory, "calls.log"), "w") as log_file:
+            log_file.write(text)
+
+    def test_each_call_becomes_the_outcome_of_its_request(self):
+        simulator = self.simulator()
+        self.write_log(simulator, "1 200 100.000000 0.000000 100.000000 3000.000000 41\n"
+                                  "3 503 100.000000 250000.000000 100.000000 255000.000000 -\n")
+        simulator._ended(1)
+        report = self.successResultOf(simulator.finished)
+        outcomes = report["result"]
+        self.assertEqual([outcome[0] for outcome in outcomes], [4, 6, 8])
+        self.assertEqual([outcome[1] for outcome in outcomes], [200, None, 503])
+        self.assertAlmostEqual(outcomes[0][2], 0.003)
+        self.assertEqual(outcomes[0][4], 41)
+        self.assertAlmostEqual(outcomes[2][3], 0.05, places=6)   # sent 50 ms behind its pace
+        self.assertFalse(os.path.exists(simulator.directory), "its files are removed")
+
+    def test_a_sipp_that_logged_nothing_is_a_run_not_made(self):
+        simulator = self.simulator()
+        simulator._ended(255)
+        failure = self.failureResultOf(simulator.finished, RuntimeError)
+        self.assertIn("sipp exited 255 and logged no call: sipp: could not bind",
+                      failure.getErrorMessage())

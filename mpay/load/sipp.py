@@ -319,7 +319,7 @@ class SippProcess(protocol.ProcessProtocol):
 
     def stop(self, reactor: Any) -> defer.Deferred:
         """SIGTERM (SIGKILL after EXIT_WAIT_S); fires once it has ended."""
-        if self.ended.called:
+        if self.ended.called or self.transport is None:      # ended, or never started
             return defer.succeed(None)
         self.transport.signalProcess("TERM")
         killer = reactor.callLater(EXIT_WAIT_S, self._kill)

@@ -27,6 +27,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import tempfile
 from collections import deque
 from typing import Any, Callable
@@ -54,6 +55,9 @@ PRECOMPUTE_AHEAD_S = 120.0
 
 PRECOMPUTE_BATCH = 100
 """Requests built per reactor turn while sending, so a due request never waits behind many."""
+
+SIPP_OUTPUT_SHOWN_BYTES = 4000
+"""The tail of SIPp's output shown when it did not run."""
 
 PROGRESS_EVERY_S = 0.25
 """How often the sender reports how many requests have been answered."""
@@ -440,9 +444,13 @@ class SippPayerSimulator:
             self._progress.stop()
         calls = sipp.read_calls(self._log_lines())
         if not calls and self.schedule:
+            # Not a server that answered nothing (that is failures, logged by SIPp one by one):
+            # SIPp itself did not run (a port, a file, a version), and the run cannot be measured.
             assert self.process is not None
-            log.error("sipp exited {code} without answering a call: {output}", code=code,
-                      output=bytes(self.process.output[-4000:]).decode("utf-8", "replace"))
+            output = bytes(self.process.output[-SIPP_OUTPUT_SHOWN_BYTES:]).decode("utf-8", "replace")
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.finished.errback(RuntimeError(f"sipp exited {code} and logged no call: {output}"))
+            return
         first_sent = min((call.sent_s for call in calls.values()), default=0.0)
         first_offset = self.schedule[0][1] if self.schedule else 0.0
         outcomes = []
@@ -504,10 +512,16 @@ class _Control(LineReceiver):
             self.simulator = simulator(self.reactor, message, self.emit)
             self.emit(self.simulator.prepare())
             return
-        self.simulator.go(message["start_at"]).addCallback(self._result)
+        self.simulator.go(message["start_at"]).addCallbacks(self._result, self._failed)
 
     def _result(self, report: dict) -> None:
         self.emit(report)
+        self.transport.loseConnection()
+
+    def _failed(self, failure: Any) -> None:
+        """The run could not be made: said on stderr, which the parent shows, and the
+        process ends without a result."""
+        sys.stderr.write(f"mpay.load.worker: {failure.getErrorMessage()}\n")
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
