@@ -8,10 +8,9 @@ import math
 import random
 import re
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from mpay.cli import load
 from mpay.load import schedule
 from mpay.load.backends import Backends, parse_names, with_application_name
 from mpay.load.books import LedgerRef

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mpay.cli import load

@@ -26,7 +26,6 @@ import binascii
 import functools
 import hashlib
 import os
-import re
 import struct
 from typing import Iterable
 

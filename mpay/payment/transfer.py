@@ -37,7 +37,6 @@ from mpay.payment.receipt_groups import ReceiptSigner
 from mpay.payment.signatures import SignatureChecks
 from mpay.payment.transfer_flow import TransferFlow, TransferState
 from mpay.sip.stream import address_of
-from mpay.sip.endpoint import SIPTimeout
 from mpay.sip.message import Request
 from mpay.sip.transaction import ServerTransaction
 from mpay.sip.useragent import build_request, new_call_id
