@@ -184,7 +184,7 @@ class SenderTests(unittest.TestCase):
 
         from twisted.internet import task
 
-        from mpay.load.worker import SippPayerSimulator
+        from mpay.load.sipp_sender import SippPayerSimulator
         plan = {"ps_addr": ["127.0.0.1", 5060], "domain": DOMAIN, "payees": [PAYEE],
                 "amount_minor": 1, "timeout_s": 2.0, "rate_per_min": 600.0, "run_tag": "t-0",
                 "payers": [asdict(payer().state)], "schedule": [[4, 0.0], [6, 0.1], [8, 0.2]]}

@@ -65,7 +65,7 @@ from mpay.load.run import (
     LoadRunner, LoadSettings, RateReport, Target,
 )
 from mpay.load.server import ServerProcess, free_udp_ports
-from mpay.load.worker import GENERATORS, LEAN, PRECOMPUTE_AHEAD_S, SIPP
+from mpay.load.sender import GENERATORS, LEAN, PRECOMPUTE_AHEAD_S, SIPP
 from mpay.sim.device import DeviceError
 from mpay.sip.endpoint import SIPTimeout
 
@@ -73,6 +73,8 @@ DEFAULT_RATES_PER_MIN = (1_000, 1_600, 3_000, 6_000, 12_000)
 DEFAULT_SEARCH_START_PER_MIN = 6_000
 DEFAULT_SEARCH_MAX_PER_MIN = 600_000
 DEFAULT_SEARCH_SECONDS = 15.0
+"""--find-capacity keeps each rate up this long: capacity is a rate sustained, not a burst
+of --count that a backlog absorbs within the timeout."""
 GENERATOR_NICE = 10
 """The generator's niceness.  On two cores the server, its signature process and the
 generator's processes all want a CPU at once; at niceness 0 the PS's reactor waited on
@@ -81,8 +83,6 @@ At 10 the generator yields, and its own delays still count (it timestamps the an
 180,000/min for 30 s, three rounds alternated (session 13), p99 at 0 -> 10: lean 102 -> 103,
 119 -> 57, 150 -> 74 ms; sipp 74 -> 110, 225 -> 50, 144 -> 89 ms.  The PS's CPU rises
 (85 -> 91 % with lean): served sooner, it wakes for fewer messages at a time."""
-"""--find-capacity keeps each rate up this long: capacity is a rate sustained, not a burst
-of --count that a backlog absorbs within the timeout."""
 
 BAR_SUCCESS = STRICT_SUCCESS
 BAR_RATE_PER_MIN = 180_000

@@ -40,7 +40,7 @@ from mpay.load.server import (
     REPO, SINGLE_NAME, cpu_used, processes_cpu_s, run_admin, tree_cpu_s, worker_names,
 )
 from mpay.load.stats import Outcome, RunStats
-from mpay.load.worker import LEAN, PRECOMPUTE_AHEAD_S, SIPP, cpu_s
+from mpay.load.sender import LEAN, PRECOMPUTE_AHEAD_S, SIPP, cpu_s
 
 DEFAULT_COUNT_PER_RATE = 1_000
 DEFAULT_PAYERS = 8
@@ -236,9 +236,7 @@ class LoadRunner:
     @defer.inlineCallbacks
     def _start_payee_sipp(self):
         """Every payee registered from one port, and a SIPp answering its notices there."""
-        binary = sipp.binary()
-        if binary is None:
-            raise RuntimeError("--generator sipp: SIPp is not installed (Debian: sip-tester)")
+        binary = sipp.require()
         port = yield self.devices.register_together(self.payees)
         self._sipp_directory = tempfile.mkdtemp(prefix="mpay-sipp-payees-")
         with open(os.path.join(self._sipp_directory, "uas.xml"), "w") as scenario:

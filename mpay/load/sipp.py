@@ -5,7 +5,7 @@ about 30 us of CPU a transaction on either side here, where the lean
 generator's Python costs several times that on the two cores the server
 shares.  Everything that needs the devices' keys stays ours:
 
-- the payers: each sender process (``mpay.load.worker``) builds its whole
+- the payers: each sender process (``mpay.load.sipp_sender``) builds its whole
   share ahead -- signed, ticketed, authenticated transfer requests, exactly as
   a Sim-DMD builds them -- and writes what varies between them (payee, payer,
   From tag, CSeq, signature, ticket, authenticator) as SIPp's injection file,
@@ -88,6 +88,14 @@ def binary() -> str | None:
     return shutil.which(SIPP)
 
 
+def require() -> str:
+    """SIPp's path; RuntimeError where it is not installed."""
+    path = binary()
+    if path is None:
+        raise RuntimeError("--generator sipp: SIPp is not installed (Debian: sip-tester)")
+    return path
+
+
 def call_id(run_tag: str, call_number: int, host: str) -> str:
     """The Call-ID SIPp gives call *call_number* (1-based) under :func:`cid_format`."""
     return f"{call_number}-{run_tag}@{host}"
@@ -136,7 +144,7 @@ def injection_file(lines: Iterable[str]) -> str:
 
 def uac_scenario(domain: str, body: bytes) -> str:
     """The payers' scenario: one transfer request a call, the request as a Device builds it
-    (header for header; tests/test_sipp_load.py holds the two together), then its answer."""
+    (header for header; tests/test_load_sipp.py holds the two together), then its answer."""
     assert body.endswith(BODY_END) and b"\n" not in body[:-len(BODY_END)], body
     request = "\n".join([
         f"MESSAGE {_uri('[field0]', domain)} SIP/2.0",

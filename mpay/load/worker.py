@@ -16,7 +16,8 @@ outcome and its own CPU, one JSON line each on stdout.
 The plan's ``generator`` says how requests go: ``stack`` through a real SIP
 client transaction (:class:`PayerSimulator`), ``lean`` as bytes serialised
 ahead from a plain UDP socket per payer, matched and retransmitted by
-``mpay.load.lean`` (:class:`LeanPayerSimulator`), the same requests either way.
+``mpay.load.lean`` (:class:`LeanPayerSimulator`), or ``sipp`` all built ahead and sent
+by SIPp (``mpay.load.sipp_sender``): the same requests every way.
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ import gc
 import json
 import math
 import os
-import resource
-import shutil
 import sys
-import tempfile
 from collections import deque
 from typing import Any, Callable
 
@@ -39,9 +37,12 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
-from mpay.load import sipp
 from mpay.load.devices import LOOPBACK, NoRequests
 from mpay.load.lean import RETRANSMIT_TICK_S, LeanClient, Prepared, journal_id_of, prepare
+from mpay.load.sender import (
+    LEAN, PRECOMPUTE_AHEAD_S, PROGRESS_EVERY_S, SIPP, STACK, cpu_s, payer_device,
+)
+from mpay.load.sipp_sender import SippPayerSimulator
 from mpay.load.stats import Outcome
 from mpay.sim.device import Device, DeviceState
 from mpay.sip.endpoint import SIPEndpoint
@@ -50,17 +51,8 @@ from mpay.sip.transport import UDPListenerService
 from mpay.timewheel import TimeWheel
 from mpay.timewheel_service import TimeWheelService
 
-PRECOMPUTE_AHEAD_S = 120.0
-"""Requests are built at most this long before they are due: well inside the PS's 300 s skew."""
-
 PRECOMPUTE_BATCH = 100
 """Requests built per reactor turn while sending, so a due request never waits behind many."""
-
-SIPP_OUTPUT_SHOWN_BYTES = 4000
-"""The tail of SIPp's output shown when it did not run."""
-
-PROGRESS_EVERY_S = 0.25
-"""How often the sender reports how many requests have been answered."""
 
 MAX_CONTROL_LINE_BYTES = 64 * 1024 * 1024
 """Bound on one control line (the plan carries the whole schedule share)."""
@@ -68,29 +60,7 @@ MAX_CONTROL_LINE_BYTES = 64 * 1024 * 1024
 SENDER_TICK_S = 0.1
 """The stack sender's time wheel (retransmission timers)."""
 
-STACK, LEAN, SIPP = "stack", "lean", sipp.SIPP
-GENERATORS = (STACK, LEAN, SIPP)
-"""The load generators: every message through the SIP stack, bytes (``mpay.load.lean``), or
-SIPp (``mpay.load.sipp``)."""
-
 log = Logger()
-
-
-def cpu_s() -> float:
-    """User + system CPU seconds of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def payer_device(reactor, state: DeviceState, domain: str, ps_addr: tuple[str, int],
-                 endpoint: Any) -> tuple[Device, Ed25519PrivateKey]:
-    """An enrolled payer's Device that only builds requests (sent from *endpoint*), and its
-    key, loaded once."""
-    device = Device(state, domain=domain, as_addr=ps_addr, ps_addr=ps_addr, as_identity="",
-                    pinned_as_key=None, ring=lambda number, line: None, clock=reactor.seconds,
-                    reactor=reactor)
-    device.endpoint = endpoint
-    return device, state.private_key()
 
 
 class _Simulator:
@@ -342,146 +312,7 @@ class LeanPayerSimulator(_Simulator):
         return defer.gatherResults([payer_socket.close() for payer_socket in self.sockets])
 
 
-class _SippSocket:
-    """What a payer's Device builds with under SIPp: SIPp's address (its own port is SIPp's
-    choice, and only the IP is in an authenticator)."""
-
-    def __init__(self) -> None:
-        self.sent_by = (LOOPBACK, sipp.ANY_PORT)
-
-
-class SippPayerSimulator:
-    """The SIPp generator's sender: the whole share built ahead into SIPp's injection file,
-    then one SIPp sends it at the share's rate (``mpay.load.sipp``).
-
-    SIPp keeps its own pace from its own start: a call's lag is against SIPp's
-    first send, not against ``start_at`` (SIPp's start-up, reading the file,
-    is not the server's doing).  The CPU reported is this process's and SIPp's.
-    """
-
-    generator = sipp.SIPP
-
-    def __init__(self, reactor, plan: dict, emit: Callable[[dict], None]):
-        self.reactor = reactor
-        self.emit = emit
-        self.ps_addr = tuple(plan["ps_addr"])
-        self.domain = plan["domain"]
-        self.payees: list[str] = plan["payees"]
-        self.amount: int = plan["amount_minor"]
-        self.timeout_s: float = plan["timeout_s"]
-        self.rate_per_min: float = plan["rate_per_min"]
-        self.schedule: list[tuple[int, float]] = [tuple(entry) for entry in plan["schedule"]]
-        self.run_tag = plan["run_tag"]
-        self.sipp = sipp.binary()
-        if self.sipp is None:
-            raise RuntimeError("--generator sipp: SIPp is not installed (Debian: sip-tester)")
-        # The parent refused a longer one (run.check_schedule): all of it is built ahead.
-        assert not self.schedule or self.schedule[-1][1] <= PRECOMPUTE_AHEAD_S, self.schedule[-1]
-        self.payers = [payer_device(reactor, DeviceState(**state), self.domain, self.ps_addr,
-                                    _SippSocket()) for state in plan["payers"]]
-        self.directory = tempfile.mkdtemp(prefix="mpay-sipp-")
-        self.process: sipp.SippProcess | None = None
-        self.finished: defer.Deferred = defer.Deferred()
-        self._precompute_cpu_s = 0.0
-        self._cpu_at_start = 0.0
-        self._progress: task.LoopingCall | None = None
-        self._logged = 0
-
-    def prepare(self) -> dict:
-        started = cpu_s()
-        lines = []
-        for built, (index, _) in enumerate(self.schedule):
-            device, key = self.payers[built % len(self.payers)]
-            payee = self.payees[index % len(self.payees)]
-            request = device.transfer_request(
-                payee, self.amount, signing_key=key, body_end=sipp.BODY_END,
-                call_id=sipp.call_id(self.run_tag, built + 1, LOOPBACK))
-            lines.append(sipp.call_fields(request, payee, device.state.number, self.domain).line())
-        body = json.dumps({"amount": self.amount}).encode() + sipp.BODY_END
-        files = {"calls.csv": sipp.injection_file(lines),
-                 "uac.xml": sipp.uac_scenario(self.domain, body)}
-        for name, text in files.items():
-            with open(os.path.join(self.directory, name), "w") as out:
-                out.write(text)
-        self._precompute_cpu_s = cpu_s() - started
-        return {"ready": len(lines), "precompute_cpu_s": self._precompute_cpu_s}
-
-    def go(self, start_at: float) -> defer.Deferred:
-        self._cpu_at_start = cpu_s()
-        self.reactor.callLater(max(0.0, start_at - self.reactor.seconds()), self._start)
-        return self.finished
-
-    def _start(self) -> None:
-        assert self.sipp is not None
-        command = sipp.uac_command(self.sipp, self.directory, self.ps_addr, host=LOOPBACK,
-                                   run_tag=self.run_tag, calls=len(self.schedule),
-                                   rate_per_min=self.rate_per_min, timeout_s=self.timeout_s)
-        self.process = sipp.SippProcess()
-        self.reactor.spawnProcess(self.process, command[0], command, env=dict(os.environ),
-                                  path=self.directory)
-        self._progress = task.LoopingCall(self._report_progress)
-        self._progress.clock = self.reactor
-        self._progress.start(PROGRESS_EVERY_S, now=False)
-        self.process.ended.addCallback(self._ended)
-
-    def _log_lines(self) -> list[str]:
-        try:
-            with open(os.path.join(self.directory, "calls.log")) as log_file:
-                return log_file.readlines()
-        except FileNotFoundError:
-            return []
-
-    def _report_progress(self) -> None:
-        try:
-            size = os.path.getsize(os.path.join(self.directory, "calls.log"))
-        except OSError:
-            size = 0
-        # A line is about 60 bytes: progress need not be exact, the result is.
-        self.emit({"answered": min(len(self.schedule), size // sipp.LOG_LINE_BYTES), "sent": 0})
-
-    def _ended(self, code: int | None) -> None:
-        if self._progress is not None and self._progress.running:
-            self._progress.stop()
-        calls = sipp.read_calls(self._log_lines())
-        if not calls and self.schedule:
-            # Not a server that answered nothing (that is failures, logged by SIPp one by one):
-            # SIPp itself did not run (a port, a file, a version), and the run cannot be measured.
-            assert self.process is not None
-            output = bytes(self.process.output[-SIPP_OUTPUT_SHOWN_BYTES:]).decode("utf-8", "replace")
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.finished.errback(RuntimeError(f"sipp exited {code} and logged no call: {output}"))
-            return
-        first_sent = min((call.sent_s for call in calls.values()), default=0.0)
-        first_offset = self.schedule[0][1] if self.schedule else 0.0
-        outcomes = []
-        for number, (index, offset) in enumerate(self.schedule, start=1):
-            call = calls.get(number)
-            if call is None:
-                outcomes.append(Outcome(index, None, None, 0.0))
-                continue
-            lag = call.sent_s - (first_sent + offset - first_offset)
-            outcomes.append(Outcome(index, call.status, call.latency_s, max(0.0, lag),
-                                    call.journal_id))
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        run_cpu_s = cpu_s() - self._cpu_at_start + children.ru_utime + children.ru_stime
-        try:
-            with open(os.path.join(self.directory, "stats.csv")) as stats:
-                resent = sipp.retransmissions(stats.read())
-        except FileNotFoundError:
-            resent = 0
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.finished.callback({"result": [list(outcome) for outcome in outcomes],
-                                "cpu_s": run_cpu_s, "precompute_cpu_s": self._precompute_cpu_s,
-                                "resent": resent, "generator": self.generator})
-
-    def close(self) -> defer.Deferred:
-        shutil.rmtree(self.directory, ignore_errors=True)
-        if self.process is None:
-            return defer.succeed(None)
-        return self.process.stop(self.reactor)
-
-
-SIMULATORS = {STACK: PayerSimulator, LEAN: LeanPayerSimulator, sipp.SIPP: SippPayerSimulator}
+SIMULATORS = {STACK: PayerSimulator, LEAN: LeanPayerSimulator, SIPP: SippPayerSimulator}
 
 
 class _Control(LineReceiver):
