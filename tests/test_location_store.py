@@ -102,6 +102,20 @@ class RedisLocationStoreTests(LocationStoreBehaviour, unittest.TestCase):
         self.assertFalse(self.store.in_process, "no lookup_now: another process may bind")
 
     @defer.inlineCallbacks
+    def test_the_lookups_of_a_turn_are_one_round_trip(self):
+        other = Binding("+886987654321", "sip:+886987654321@198.51.100.8:5062", "198.51.100.8",
+                        5062, "UDP", expires_at=1_000.0)
+        yield self.store.bind(binding(), 3600)
+        yield self.store.bind(other, 3600)
+        before = self.store.round_trips
+        found = yield defer.gatherResults([self.store.lookup(NUMBER),
+                                           self.store.lookup("+886900000000"),
+                                           self.store.lookup(other.number),
+                                           self.store.lookup(NUMBER)])
+        self.assertEqual(found, [binding(), None, other, binding()])
+        self.assertEqual(self.store.round_trips - before, 1)
+
+    @defer.inlineCallbacks
     def lapse(self, seconds):
         """Redis expires keys on its own clock: wait (bounded) until it has."""
         for _ in range(int(seconds * 20) + 40):
@@ -147,6 +161,76 @@ class _StallingReactor:
         arrived, self.arrived = self.arrived, []
         for deliver in arrived:
             deliver()
+
+
+class _MgetRecorder:
+    """A Redis that answers each MGET with what the test says."""
+
+    def __init__(self):
+        self.asked = []
+
+    def mget(self, keys):
+        self.asked.append((list(keys), defer.Deferred()))
+        return self.asked[-1][1]
+
+
+class RedisLocationBatchTests(unittest.TestCase):
+    """The MGET of a turn's lookups, with a Redis that answers as the test says."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.redis = _MgetRecorder()
+        self.store = RedisLocationStore(self.redis, prefix="p:", reactor=self.clock, max_keys=2)
+
+    def test_nothing_is_sent_before_the_turn_ends(self):
+        found = self.store.lookup(NUMBER)
+        self.assertEqual(self.redis.asked, [])
+        self.clock.advance(0)
+        self.assertEqual([keys for keys, _ in self.redis.asked], [["p:loc:" + NUMBER]])
+        self.redis.asked[0][1].callback([binding().to_json()])
+        self.assertEqual(self.successResultOf(found), binding())
+
+    def test_a_turn_past_max_keys_is_sent_as_several_mgets(self):
+        found = [self.store.lookup(f"+88691234567{i}") for i in range(3)]
+        self.clock.advance(0)
+        self.assertEqual([len(keys) for keys, _ in self.redis.asked], [2, 1])
+        self.redis.asked[0][1].callback([None, None])
+        self.redis.asked[1][1].callback([None])
+        self.assertEqual([self.successResultOf(d) for d in found], [None, None, None])
+        self.assertEqual((self.store.round_trips, self.store.lookups), (2, 3))
+
+    def test_a_failed_mget_fails_each_of_its_lookups(self):
+        found = [self.store.lookup(NUMBER), self.store.lookup("+886900000000")]
+        self.clock.advance(0)
+        self.redis.asked[0][1].errback(defer.TimeoutError("no answer"))
+        for d in found:
+            self.failureResultOf(d, defer.TimeoutError)
+
+    def test_a_value_that_is_no_binding_fails_only_its_own_lookup(self):
+        found = [self.store.lookup(NUMBER), self.store.lookup("+886900000000")]
+        self.clock.advance(0)
+        self.redis.asked[0][1].callback(["{not json", binding().to_json()])
+        self.failureResultOf(found[0], ValueError)
+        self.assertEqual(self.successResultOf(found[1]), binding())
+
+    def test_an_answer_of_the_wrong_length_fails_the_group(self):
+        found = [self.store.lookup(NUMBER), self.store.lookup("+886900000000")]
+        self.clock.advance(0)
+        self.redis.asked[0][1].callback([None])
+        for d in found:
+            self.failureResultOf(d, ValueError)
+
+    def test_a_redis_that_raises_fails_the_group_not_the_turn(self):
+        def refuse(keys):
+            raise ConnectionError("pool closed")
+        self.redis.mget = refuse
+        found = self.store.lookup(NUMBER)
+        self.clock.advance(0)
+        self.failureResultOf(found, ConnectionError)
+        later = self.store.lookup(NUMBER)
+        self.redis.mget = _MgetRecorder().mget
+        self.clock.advance(0)
+        self.assertNoResult(later)
 
 
 class BoundedRedisTests(unittest.TestCase):

@@ -104,7 +104,7 @@ def build_ps(cfg: Config, timers: Any, settings: Any, reactor: Any,
                              reactor)
         redis.setName("redis")
         redis.setServiceParent(parent)
-        locations: Any = RedisLocationStore(redis.bounded, location["redis_prefix"])
+        locations: Any = RedisLocationStore(redis.bounded, location["redis_prefix"], reactor)
         otcns: Any = RedisOTCNStore(redis.bounded, location["redis_prefix"], now=reactor.seconds)
         guard: Any = RedisGuessGuard(redis.bounded, location["redis_prefix"], **limits)
     else:
