@@ -124,7 +124,8 @@ def makeService(options: Options, reactor=None) -> MpayService:
     # Before the servers, so it stops after them: no request finds the ledger gone.
     try:
         ledger = LedgerService(store_opener(cfg["ledger"]), reactor,
-                               commit_delay_s=cfg["ledger"]["commit_delay_ms"] / 1000.0)
+                               commit_delay_s=cfg["ledger"]["commit_delay_ms"] / 1000.0,
+                               writer_process=cfg["ledger"]["writer_process"])
     except LedgerError as exc:
         raise usage.UsageError(str(exc)) from exc
     ledger.setServiceParent(top)

@@ -227,6 +227,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "postgres_schema": Key("public", _text),
         "currency": Key("TWD", _currency),
         "commit_delay_ms": Key("2", _non_negative_float),
+        "writer_process": Key("true", _bool),
     },
     "tickets": {
         "k_ps_keys": Key("var/k_ps.keys", _text),

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mpay.ledger import writer
@@ -39,11 +39,13 @@ from tests.support import Receivers
 
 
 class LedgerServiceMixin:
-    """The same store behind the writer thread: Deferreds, groups, clean stops."""
+    """The same store behind the writer thread (or process): Deferreds, groups, clean stops."""
+
+    writer_process = False
 
     def setUp(self):
         super().setUp()
-        self.service = LedgerService(self.opener(), reactor)
+        self.service = LedgerService(self.opener(), reactor, writer_process=self.writer_process)
         self.service.startService()
         self.addCleanup(self.stopService)
 
@@ -150,12 +152,24 @@ class LedgerServiceMixin:
     @defer.inlineCallbacks
     def test_a_full_queue_sheds_load(self):
         yield self.service.stopService()
-        self.service = LedgerService(self.opener(), reactor, max_pending=2)
+        self.service = LedgerService(self.opener(), reactor, max_pending=2,
+                                     writer_process=self.writer_process)
         self.service.startService()
         first, second = self.service.open_account(A), self.service.open_account(B)
         yield self.assertFailure(self.service.open_account(C), LedgerBusy)
         self.assertEqual((yield defer.gatherResults([first, second])), [True, True])
 
+
+    def test_the_wait_needs_load_room_and_a_delay(self):
+        self.assertTrue(writer.waits_for_more(writer.COMMIT_SIBLINGS, 1, 100, 0.002))
+        self.assertFalse(writer.waits_for_more(writer.COMMIT_SIBLINGS - 1, 1, 100, 0.002))
+        self.assertFalse(writer.waits_for_more(5, 100, 100, 0.002), "a full group commits")
+        self.assertFalse(writer.waits_for_more(5, 0, 100, 0.002), "nothing to commit")
+        self.assertFalse(writer.waits_for_more(5, 1, 100, 0.0), "commit_delay_ms = 0")
+
+
+class WriterThreadMixin:
+    """What only the thread shows: its clock can be patched."""
 
     @defer.inlineCallbacks
     def test_a_group_waits_for_company_only_after_a_group(self):
@@ -181,29 +195,70 @@ class LedgerServiceMixin:
         self.assertEqual(slept, [0.25], "after a group of one, an idle ledger commits at once")
         self.assertEqual(self.service.writer.batches, 3)
 
-    def test_the_wait_needs_load_room_and_a_delay(self):
-        self.assertTrue(writer.waits_for_more(writer.COMMIT_SIBLINGS, 1, 100, 0.002))
-        self.assertFalse(writer.waits_for_more(writer.COMMIT_SIBLINGS - 1, 1, 100, 0.002))
-        self.assertFalse(writer.waits_for_more(5, 100, 100, 0.002), "a full group commits")
-        self.assertFalse(writer.waits_for_more(5, 0, 100, 0.002), "nothing to commit")
-        self.assertFalse(writer.waits_for_more(5, 1, 100, 0.0), "commit_delay_ms = 0")
 
-
-class SQLiteLedgerServiceTests(SQLiteBackend, LedgerServiceMixin, unittest.TestCase):
+class SQLiteServiceMixin:
     @defer.inlineCallbacks
     def test_an_unopenable_database_fails_every_request_loudly(self):
         yield self.service.stopService()
         blocker = self.mktemp()
         open(blocker, "w").close()  # a file where a directory should be
         self.service = LedgerService(functools.partial(SQLiteStore.open,
-                                                       os.path.join(blocker, "x.db")), reactor)
+                                                       os.path.join(blocker, "x.db")), reactor,
+                                     writer_process=self.writer_process)
         self.service.startService()
         yield self.assertFailure(self.service.whenOpen(), LedgerError, OSError)
         yield self.assertFailure(self.service.transfer(A, B, 1, "k"), LedgerError)
         self.flushLoggedErrors(LedgerError, OSError)
 
 
-class PostgresLedgerServiceTests(PostgresBackend, LedgerServiceMixin, unittest.TestCase):
+class WriterProcessMixin:
+    """Every service test again, with the writer in a process of its own."""
+
+    writer_process = True
+
+    @defer.inlineCallbacks
+    def test_a_writer_process_that_dies_fails_what_it_had_and_comes_back(self):
+        yield defer.gatherResults([self.service.open_account(n) for n in (A, B)])
+        yield self.service.cash_in(A, 1000, "topup")
+        writer = self.service.writer
+        writer._restart_delay_s = 0.05
+        pending = [self.service.transfer(A, B, 1, f"k{i}") for i in range(50)]
+        writer._link.kill()
+        outcomes = yield defer.DeferredList(pending, consumeErrors=True)
+        failed = [result for ok, result in outcomes if not ok]
+        self.assertTrue(all(failure.check(LedgerError) for failure in failed), failed)
+        self.assertEqual(writer.restarts, 1)
+        for _ in range(200):        # the next child: refused ("restarting") until it is up
+            if writer._link is not None:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        committed = [result for ok, result in outcomes if ok]
+        again = yield defer.gatherResults([self.service.transfer(A, B, 1, f"k{i}")
+                                           for i in range(50)])
+        self.assertEqual(sum(r.outcome is Outcome.COMMITTED for r in again), len(failed),
+                         "each failed one is paid once on the re-send, the others are copies")
+        self.assertEqual((yield self.service.balance(B)).balance, 50)
+        self.assertTrue((yield self.service.audit()).ok)
+        self.assertEqual(len(committed) + len(failed), 50)
+
+
+class SQLiteLedgerServiceTests(SQLiteBackend, WriterThreadMixin, SQLiteServiceMixin,
+                               LedgerServiceMixin, unittest.TestCase):
+    pass
+
+
+class PostgresLedgerServiceTests(PostgresBackend, WriterThreadMixin, LedgerServiceMixin,
+                                 unittest.TestCase):
+    pass
+
+
+class SQLiteLedgerWriterProcessTests(SQLiteBackend, WriterProcessMixin, SQLiteServiceMixin,
+                                     LedgerServiceMixin, unittest.TestCase):
+    pass
+
+
+class PostgresLedgerWriterProcessTests(PostgresBackend, WriterProcessMixin, LedgerServiceMixin,
+                                       unittest.TestCase):
     pass
 
 

@@ -114,6 +114,9 @@ class ServerCPUTests(unittest.TestCase):
         FakeProc.write(root, 105, 100, 3, ["python", "-m", "mpay.payment.signature_jobs"])
         self.assertEqual(worker_names(100, [100, 105], root), {100: "ps", 105: "signatures105"},
                          "a PS's signature process is not a worker")
+        FakeProc.write(root, 106, 100, 3, ["python", "-m", "mpay.ledger.writer_child"])
+        self.assertEqual(worker_names(100, [100, 106], root), {100: "ps", 106: "writer106"},
+                         "nor is its ledger writer")
 
     def test_real_children_are_found_and_their_cpu_counted(self):
         # Two children burn CHILD_BURN_S of CPU each, then all three wait for stdin to close.
@@ -172,7 +175,9 @@ class ServerWorkersSweepTests(unittest.TestCase):
         self.assertEqual([name for name in names if name.startswith("ps")], ["ps1", "ps2"])
         self.assertEqual(len([name for name in names if name.startswith("signatures")]), 2,
                          "each PS process has its signature process, and its CPU counts")
-        self.assertEqual(csv_row(report)["server_processes"], "4")
+        self.assertEqual(len([name for name in names if name.startswith("writer")]), 2,
+                         "and its ledger writer process")
+        self.assertEqual(csv_row(report)["server_processes"], "6")
         self.assertEqual(sum(payers + payees for _, payers, payees in report.devices_by_process),
                          args.payers + args.payees, "every device is bound at some process")
         self.assertIn("devices per PS process (Redis bindings): ps", out)

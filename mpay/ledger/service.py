@@ -1,6 +1,7 @@
 """``LedgerService``: the ledger as the payment server sees it, all Deferreds.
 
-Writes go to the one group-commit writer thread (``writer.py``); reads go to a
+Writes go to the one group-commit writer: a child process (``writer_process.py``;
+``[ledger] writer_process``, true by default) or a thread (``writer.py``); reads go to a
 small pool of threads with connections of their own.  Nothing here blocks the
 reactor.  The methods and their arguments are those of the synchronous store
 (``store.SQLStore``), which is where the rules and their documentation live.
@@ -22,6 +23,7 @@ from mpay.ledger.api import (
 from mpay.ledger.notices import MAX_QUEUED_NOTICES_PER_PAYEE
 from mpay.ledger.store import SQLStore
 from mpay.ledger.writer import COMMIT_DELAY_S, MAX_PENDING, GroupCommitWriter, OpenStore
+from mpay.ledger.writer_process import WriterProcess
 
 READ_THREADS = 2
 """Threads (and connections) answering balance, statement and audit queries."""
@@ -89,12 +91,14 @@ class LedgerService(Service):
 
     def __init__(self, open_store: OpenStore, reactor: Any = None, *,
                  max_batch: int | None = None, max_pending: int = MAX_PENDING,
-                 read_threads: int = READ_THREADS, commit_delay_s: float = COMMIT_DELAY_S):
+                 read_threads: int = READ_THREADS, commit_delay_s: float = COMMIT_DELAY_S,
+                 writer_process: bool = False):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
-        self.writer = GroupCommitWriter(open_store, reactor, max_batch=max_batch,
-                                        max_pending=max_pending, commit_delay_s=commit_delay_s)
+        writer = WriterProcess if writer_process else GroupCommitWriter
+        self.writer: Any = writer(open_store, reactor, max_batch=max_batch,
+                                  max_pending=max_pending, commit_delay_s=commit_delay_s)
         self._readers = ReadPool(open_store, reactor, read_threads)
         self._stopped = False
 
@@ -233,7 +237,8 @@ class LedgerService(Service):
         return {"pending": self.writer.pending, "batches": self.writer.batches,
                 "operations": self.writer.operations,
                 "largest_batch": self.writer.largest_batch, "retries": self.writer.retries,
-                "careful_redos": self.writer.careful_redos}
+                "careful_redos": self.writer.careful_redos,
+                "writer_restarts": getattr(self.writer, "restarts", 0)}
 
     # -- notices for offline payees (notices.py) ----------------------------
 

@@ -25,6 +25,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
 from mpay.load.books import LedgerRef
+from mpay.ledger.writer_process import CHILD_MODULE as WRITER_MODULE
 from mpay.payment.signatures import CHILD_MODULE
 from mpay.sip.message import Response, parse
 from mpay.sip.useragent import build_request, new_call_id
@@ -152,6 +153,8 @@ def worker_names(root: int, pids: list[int], proc: str = PROC) -> dict[int, str]
             workers = workers or pid != root
         elif CHILD_MODULE in args:      # a PS's child that checks payer signatures
             names[pid] = f"signatures{pid}"
+        elif WRITER_MODULE in args:     # the ledger's group-commit writer
+            names[pid] = f"writer{pid}"
         else:
             names[pid] = f"pid{pid}"
     if root in names:

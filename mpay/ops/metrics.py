@@ -108,7 +108,11 @@ class OutcomeCollector:
                 "mpay_ledger_careful_redos",
                 "Group commits whose run of transfers found the database other than it read it")
             redos.add_metric([], stats["careful_redos"])
-            yield from (pending, batches, operations, redos)
+            restarts = CounterMetricFamily(
+                "mpay_ledger_writer_restarts",
+                "Times the ledger writer process stopped and was started again")
+            restarts.add_metric([], stats["writer_restarts"])
+            yield from (pending, batches, operations, redos, restarts)
 
 
 def metrics_service(listen: str, endpoints: Iterable[SIPEndpoint], reactor=None,

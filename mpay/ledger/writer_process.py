@@ -1,0 +1,502 @@
+"""Group commit in a process of its own: the writer thread's loop, out of the PS's GIL.
+
+``writer.py``'s thread shares the GIL with the reactor.  Each time the
+reactor makes a system call (a datagram sent or read, a write to the
+signature process) the writer may take the GIL, and the reactor waits to get
+it back; with PostgreSQL (psycopg's Python layers) this waiting was a fifth
+of the reactor's busy time at 120,000 transfers a minute (README, "The
+ledger writer in a process").  Here the same loop, ``GroupCommitWriter._run``,
+runs in a child process; the PS keeps the same interface (``submit_then``,
+``whenOpen``, ``stop``) and talks to it over a socket::
+
+    reactor (PS)                         writer process
+    submit_then -> op queued
+    end of turn: one frame of ops  ->    reader thread -> queue
+                                         GroupCommitWriter._run: group, commit, fsync
+    results delivered, in order    <-    one frame of results a group
+
+Frames are a 4-byte length and a pickle, between a parent and the child it
+started (nothing else can write to the socket).  Order is the contract: the
+child answers operations in the order it was given them, so the PS matches
+results to callers by counting.
+
+If the child dies, every operation it had fails with ``LedgerError`` (a
+transfer answers 503; its idempotency key makes the payer's re-send safe,
+whether or not that group had committed) and a new child is started.  The
+ledger's consistency never depends on the child: each group is one database
+transaction.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import threading
+from typing import Any, Callable
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mpay.ledger.api import LedgerBusy, LedgerError, LedgerStopped
+from mpay.ledger.writer import _STOP, COMMIT_DELAY_S, MAX_PENDING, GroupCommitWriter, OpenStore
+
+CHILD_MODULE = "mpay.ledger.writer_child"
+FRAME = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 << 20          # a frame is one turn's operations or one group's results
+READ_BYTES = 256 * 1024
+RESTART_DELAY_S = 1.0
+STOP_GRACE_S = 10.0                 # a group being committed is let finish; then killed
+_OPEN, _DONE, _EXITED = "open", "done", "exited"
+
+log = Logger()
+
+
+def frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(data) <= MAX_FRAME_BYTES, len(data)
+    return FRAME.pack(len(data)) + data
+
+
+class Frames:
+    """Whole frames out of a byte stream, as they complete."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        buffer = self._buffer
+        buffer += data
+        out, at = [], 0
+        while len(buffer) - at >= FRAME.size:
+            (size,) = FRAME.unpack_from(buffer, at)
+            if size > MAX_FRAME_BYTES:
+                raise ValueError(f"a frame of {size} bytes")
+            if len(buffer) - at - FRAME.size < size:
+                break
+            start = at + FRAME.size
+            out.append(pickle.loads(buffer[start:start + size]))
+            at = start + size
+        del buffer[:at]
+        return out
+
+
+def portable(open_store: OpenStore) -> tuple:
+    """*open_store* as the child can rebuild it.  ``store_opener`` gives a partial of a
+    store's ``open`` classmethod, which Twisted's method pickling (twisted.persisted)
+    cannot pickle: it goes as (class, method name, args, keywords)."""
+    func = getattr(open_store, "func", None)
+    owner = getattr(func, "__self__", None)
+    if isinstance(owner, type):
+        return (owner, func.__name__, open_store.args, open_store.keywords)
+    return (open_store,)
+
+
+def rebuilt(portable_store: tuple) -> OpenStore:
+    if len(portable_store) == 1:
+        return portable_store[0]
+    owner, name, args, keywords = portable_store
+    return functools.partial(getattr(owner, name), *args, **keywords)
+
+
+def _sendable(result: object) -> object:
+    """A result that crosses the socket: an exception that would not pickle (or not unpickle,
+    which would break the PS's end of the link) goes as its text."""
+    if isinstance(result, BaseException):
+        try:
+            pickle.loads(pickle.dumps(result))
+        except Exception:
+            return LedgerError(f"{type(result).__name__}: {result}")
+    return result
+
+
+class WriterProcess:
+    """``GroupCommitWriter``'s interface; the writer runs in a child process."""
+
+    def __init__(self, open_store: OpenStore, reactor: Any, *, max_batch: int | None = None,
+                 max_pending: int = MAX_PENDING, commit_delay_s: float = COMMIT_DELAY_S,
+                 restart_delay_s: float = RESTART_DELAY_S):
+        self._setup = (portable(open_store), max_batch, commit_delay_s)
+        self._reactor = reactor
+        self._max_pending = max_pending
+        self._restart_delay_s = restart_delay_s
+        self._link: _Link | None = None
+        self._restart: Any = None
+        self._running = self._stopping = False
+        self._open_result: object = None      # None until the first child opened, or failed to
+        self._open_waiters: list[defer.Deferred] = []
+        self._stop_waiters: list[defer.Deferred] = []
+        self.batches = self.operations = self.largest_batch = 0
+        self.retries = self.careful_redos = self.restarts = 0
+
+    # -- the reactor's side, as GroupCommitWriter ----------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._spawn()
+
+    @property
+    def pending(self) -> int:
+        link = self._link
+        return 0 if link is None else len(link.waiting)
+
+    def whenOpen(self) -> defer.Deferred:
+        if self._open_result is None:
+            waiter: defer.Deferred = defer.Deferred()
+            self._open_waiters.append(waiter)
+            return waiter
+        if isinstance(self._open_result, Failure):
+            return defer.fail(self._open_result)
+        return defer.succeed(None)
+
+    def submit(self, name: str, args: tuple) -> defer.Deferred:
+        result: defer.Deferred = defer.Deferred()
+        self.submit_then(name, args, result.callback, result.errback)
+        return result
+
+    def submit_then(self, name: str, args: tuple, then: Callable[[Any], None],
+                    failed: Callable[[Failure], None]) -> None:
+        link = self._link
+        if self._stopping:
+            failed(Failure(LedgerStopped("the ledger is stopping")))
+        elif link is None or link.closed:
+            failed(Failure(LedgerError("the ledger writer is restarting")))
+        elif len(link.waiting) >= self._max_pending:
+            failed(Failure(LedgerBusy(f"{len(link.waiting)} ledger operations queued")))
+        else:
+            link.submit(name, args, then, failed)
+
+    def stop(self) -> defer.Deferred:
+        """Commit what is queued, then the child closes its store and exits."""
+        link = self._link
+        if not self._stopping:
+            self._stopping, self._running = True, False
+            if self._restart is not None and self._restart.active():
+                self._restart.cancel()
+            if link is not None:
+                link.finish()
+        if link is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        kill = self._reactor.callLater(STOP_GRACE_S, link.kill)
+        self._stop_waiters.append(waiter)
+        return waiter.addBoth(lambda result: (kill.cancel() if kill.active() else None, result)[1])
+
+    # -- the child -------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self._restart = None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        link = _Link(self, parent)
+        try:
+            link.process = self._reactor.spawnProcess(
+                _ChildProtocol(link), sys.executable, [sys.executable, "-m", CHILD_MODULE],
+                env=_child_env(), childFDs={0: child.fileno(), 1: "r", 2: "r"})
+        except Exception:
+            log.failure("ledger: the writer process did not start")
+            parent.close()
+            self._again()
+            return
+        finally:
+            child.close()
+        self._link = link
+        self._reactor.addReader(link)
+        link.send(frame(self._setup))
+
+    def _again(self) -> None:
+        if self._running:
+            self._restart = self._reactor.callLater(self._restart_delay_s, self._spawn)
+
+    def opened(self, ok: bool, why: str, first: bool) -> None:
+        if not ok:
+            log.error("cannot open the ledger database: {why}", why=why)
+        elif not first or self.restarts:
+            log.info("the ledger database is open again")
+        if self._open_result is None:
+            self._open_result = True if ok else Failure(LedgerError(why))
+            waiters, self._open_waiters = self._open_waiters, []
+            for waiter in waiters:
+                if ok:
+                    waiter.callback(None)
+                else:
+                    waiter.errback(self._open_result)
+
+    def delivered(self, count: int, retries: int, redos: int) -> None:
+        self.batches += 1
+        self.operations += count
+        self.largest_batch = max(self.largest_batch, count)
+        self.retries += retries
+        self.careful_redos += redos
+
+    def _stopped(self, _: Any) -> None:
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def lost(self, link: _Link, why: str) -> None:
+        """The child ended: what it had fails, and (unless stopping) another starts."""
+        if self._link is not link:
+            return
+        self._link = None
+        link.close()
+        if self._stopping:
+            link.ended.addBoth(self._stopped)
+        else:
+            self.restarts += 1
+            self._again()
+        # Last: a caller told of its failure may ask again at once (and be refused).
+        failed = link.fail_all(LedgerError(f"the ledger writer process stopped ({why})"))
+        if not self._stopping:
+            log.warn("ledger: the writer process stopped ({why}); {failed} operations failed;"
+                     " starting it again in {delay} s", why=why, failed=failed,
+                     delay=self._restart_delay_s)
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Link:
+    """This end of the socket: operations out (one write a turn), results in."""
+
+    def __init__(self, owner: WriterProcess, sock: socket.socket):
+        sock.setblocking(False)
+        self.owner, self.sock, self.reactor = owner, sock, owner._reactor
+        self.process: Any = None
+        self.ended: defer.Deferred = defer.Deferred()     # the child was reaped
+        self.closed = False
+        self.waiting: collections.deque = collections.deque()   # (then, failed, name)
+        self._ops: list[tuple[str, tuple]] = []
+        self._unsent = b""
+        self._turn_end: Any = None
+        self._frames = Frames()
+
+    def fileno(self) -> int:
+        return -1 if self.closed else self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "ledger-writer"
+
+    def submit(self, name: str, args: tuple, then: Callable, failed: Callable) -> None:
+        self.waiting.append((then, failed, name))
+        self._ops.append((name, args))
+        if self._turn_end is None:
+            self._turn_end = self.reactor.callLater(0, self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn_end = None
+        if self._ops and not self.closed:
+            ops, self._ops = self._ops, []
+            try:
+                data = frame(ops)
+            except Exception:       # an argument that does not pickle: a caller's bug
+                failure = Failure()
+                count = len(ops)
+                for _ in range(count):
+                    _, failed, _ = self.waiting.pop()
+                    failed(failure)
+                return
+            self.send(data)
+
+    def finish(self) -> None:
+        """The stop: what is queued goes, then None (the child commits it all and exits)."""
+        self._end_of_turn()
+        if not self.closed:
+            self.send(frame(None))
+
+    def send(self, data: bytes) -> None:
+        if self._unsent:
+            self._unsent += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.owner.lost(self, f"send: {exc}")
+            return
+        self._unsent = data[sent:]
+        if self._unsent:
+            self.reactor.addWriter(self)
+
+    def doWrite(self) -> None:
+        data, self._unsent = self._unsent, b""
+        self.reactor.removeWriter(self)
+        self.send(data)
+
+    def doRead(self) -> None:
+        try:
+            data = self.sock.recv(READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.owner.lost(self, f"recv: {exc}")
+            return
+        if not data:
+            self.owner.lost(self, "it closed its socket")
+            return
+        try:
+            messages = self._frames.feed(data)
+        except Exception as exc:
+            self.owner.lost(self, f"a bad frame: {exc}")
+            return
+        for message in messages:
+            if self.closed:
+                return
+            kind = message[0]
+            if kind == _DONE:
+                _, results, retries, redos = message
+                self._deliver(results)
+                self.owner.delivered(len(results), retries, redos)
+            elif kind == _OPEN:
+                _, ok, why, first = message
+                self.owner.opened(ok, why, first)
+            elif kind != _EXITED:
+                self.owner.lost(self, f"an unknown message {kind!r}")
+                return
+
+    def _deliver(self, results: list) -> None:
+        waiting = self.waiting
+        assert len(results) <= len(waiting), (len(results), len(waiting))
+        for result in results:
+            then, failed, name = waiting.popleft()
+            try:
+                if isinstance(result, BaseException):
+                    if not isinstance(result, (LedgerError, ValueError)):
+                        log.failure("ledger operation {op} failed", Failure(result), op=name)
+                    failed(Failure(result))
+                else:
+                    then(result)
+            except Exception:
+                log.failure("ledger operation {op}: its caller failed on the result", op=name)
+
+    def fail_all(self, error: LedgerError) -> int:
+        waiting, self.waiting = self.waiting, collections.deque()
+        self._ops.clear()
+        failure = Failure(error)
+        for _, failed, name in waiting:
+            try:
+                failed(failure)
+            except Exception:
+                log.failure("ledger operation {op}: its caller failed on the error", op=name)
+        return len(waiting)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.owner.lost(self, reason.getErrorMessage())
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._turn_end is not None and self._turn_end.active():
+                self._turn_end.cancel()
+            self._turn_end = None
+            self.reactor.removeReader(self)
+            self.reactor.removeWriter(self)
+            self.closed = True
+            self.sock.close()
+
+    def kill(self) -> None:
+        try:
+            self.process.signalProcess("KILL")
+        except Exception:
+            pass
+
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    def __init__(self, link: _Link):
+        self.link = link
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            log.warn("ledger writer process: {line}", line=line)
+
+    def processEnded(self, reason: Any) -> None:
+        self.link.ended.callback(None)
+        self.link.owner.lost(self.link, reason.getErrorMessage())
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+# -- in the child -------------------------------------------------------------------
+
+class _Courier:
+    """The child's stand-in for the reactor: what the writer thread would hand the reactor
+    (``callFromThread``) goes to the parent as a frame instead."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.writer: GroupCommitWriter | None = None
+
+    def _send(self, message: Any) -> None:
+        with self.lock:
+            self.sock.sendall(frame(message))
+
+    def callFromThread(self, fn: Callable, *args: Any) -> None:
+        writer = self.writer
+        assert writer is not None
+        if fn == writer._deliver:
+            batch, results = args
+            self._send((_DONE, [_sendable(r) for r in results], writer.retries, writer.careful_redos))
+            writer.retries = writer.careful_redos = 0
+        elif fn == writer._opened:
+            result, first = args
+            ok = not isinstance(result, Failure)
+            self._send((_OPEN, ok, "" if ok else result.getErrorMessage(), first))
+        elif fn == writer._exited:
+            self._send((_EXITED,))
+        else:                           # log.failure(...) of a writer that failed
+            message, failure = args[0], args[1] if len(args) > 1 else None
+            print(f"ledger writer: {message}", file=sys.stderr, flush=True)
+            if isinstance(failure, Failure):
+                print(failure.getTraceback(), file=sys.stderr, flush=True)
+
+
+def serve(sock: socket.socket) -> None:
+    """The child: read the setup, then operations until None or EOF; commit as the thread does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the PS stops it, by the None frame
+    reader = Frames()
+    setup = None
+    while setup is None:
+        data = sock.recv(READ_BYTES)
+        if not data:
+            return
+        messages = reader.feed(data)
+        if messages:
+            setup, early = messages[0], messages[1:]
+    portable_store, max_batch, commit_delay_s = setup
+    open_store = rebuilt(portable_store)
+    courier = _Courier(sock)
+    writer = GroupCommitWriter(open_store, courier, max_batch=max_batch,
+                               max_pending=sys.maxsize, commit_delay_s=commit_delay_s)
+    courier.writer = writer
+    queue = writer._queue
+
+    def put(messages: list) -> bool:
+        for ops in messages:
+            if ops is None:
+                queue.put(_STOP)
+                return False
+            for name, args in ops:
+                queue.put((None, None, name, args))
+        return True
+
+    def read() -> None:
+        going = put(early)
+        while going:
+            data = sock.recv(READ_BYTES)
+            if not data:
+                queue.put(_STOP)
+                return
+            going = put(reader.feed(data))
+
+    threading.Thread(target=read, name="mpay-ledger-writer-reader", daemon=True).start()
+    writer._run()
