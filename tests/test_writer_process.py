@@ -8,8 +8,8 @@ from twisted.trial import unittest
 from mpay.ledger import store_opener
 from mpay.ledger.api import LedgerError
 from mpay.ledger.sqlite import SQLiteStore
-from mpay.ledger.writer_process import (
-    FRAME, MAX_FRAME_BYTES, Frames, _sendable, frame, portable, rebuilt,
+from mpay.ledger.writer_wire import (
+    FRAME, MAX_FRAME_BYTES, Frames, frame, portable, rebuilt, sendable,
 )
 
 
@@ -46,12 +46,12 @@ class Unpicklable(Exception):
 
 class SendableTests(unittest.TestCase):
     def test_results_and_ledger_errors_go_as_they_are(self):
-        self.assertEqual(_sendable(7), 7)
+        self.assertEqual(sendable(7), 7)
         error = LedgerError("no account")
-        self.assertIs(_sendable(error), error)
+        self.assertIs(sendable(error), error)
 
     def test_an_exception_that_cannot_cross_goes_as_a_ledger_error_with_its_text(self):
-        sent = _sendable(Unpicklable("boom", 2))
+        sent = sendable(Unpicklable("boom", 2))
         pickle.loads(pickle.dumps(sent))
         self.assertIsInstance(sent, LedgerError)
         self.assertEqual(str(sent), "Unpicklable: boom")

@@ -15,10 +15,9 @@ runs in a child process; the PS keeps the same interface (``submit_then``,
                                          GroupCommitWriter._run: group, commit, fsync
     results delivered, in order    <-    one frame of results a group
 
-Frames are a 4-byte length and a pickle, between a parent and the child it
-started (nothing else can write to the socket).  Order is the contract: the
-child answers operations in the order it was given them, so the PS matches
-results to callers by counting.
+The frames are ``writer_wire.py``'s, the child's loop ``writer_child.py``.
+Order is the contract: the child answers operations in the order it was
+given them, so the PS matches results to callers by counting.
 
 If the child dies, every operation it had fails with ``LedgerError`` (a
 transfer answers 503; its idempotency key makes the payer's re-send safe,
@@ -30,14 +29,9 @@ transaction.
 from __future__ import annotations
 
 import collections
-import functools
 import os
-import pickle
-import signal
 import socket
-import struct
 import sys
-import threading
 from typing import Any, Callable
 
 from twisted.internet import defer, protocol
@@ -47,75 +41,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mpay.ledger.api import LedgerBusy, LedgerError, LedgerStopped
-from mpay.ledger.writer import _STOP, COMMIT_DELAY_S, MAX_PENDING, GroupCommitWriter, OpenStore
+from mpay.ledger.writer import COMMIT_DELAY_S, MAX_PENDING, OpenStore
+from mpay.ledger.writer_wire import DONE, EXITED, OPEN, READ_BYTES, Frames, frame, portable
 
 CHILD_MODULE = "mpay.ledger.writer_child"
-FRAME = struct.Struct(">I")
-MAX_FRAME_BYTES = 64 << 20          # a frame is one turn's operations or one group's results
-READ_BYTES = 256 * 1024
 RESTART_DELAY_S = 1.0
 STOP_GRACE_S = 10.0                 # a group being committed is let finish; then killed
-_OPEN, _DONE, _EXITED = "open", "done", "exited"
 
 log = Logger()
-
-
-def frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    assert len(data) <= MAX_FRAME_BYTES, len(data)
-    return FRAME.pack(len(data)) + data
-
-
-class Frames:
-    """Whole frames out of a byte stream, as they complete."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[Any]:
-        buffer = self._buffer
-        buffer += data
-        out, at = [], 0
-        while len(buffer) - at >= FRAME.size:
-            (size,) = FRAME.unpack_from(buffer, at)
-            if size > MAX_FRAME_BYTES:
-                raise ValueError(f"a frame of {size} bytes")
-            if len(buffer) - at - FRAME.size < size:
-                break
-            start = at + FRAME.size
-            out.append(pickle.loads(buffer[start:start + size]))
-            at = start + size
-        del buffer[:at]
-        return out
-
-
-def portable(open_store: OpenStore) -> tuple:
-    """*open_store* as the child can rebuild it.  ``store_opener`` gives a partial of a
-    store's ``open`` classmethod, which Twisted's method pickling (twisted.persisted)
-    cannot pickle: it goes as (class, method name, args, keywords)."""
-    func = getattr(open_store, "func", None)
-    owner = getattr(func, "__self__", None)
-    if isinstance(owner, type):
-        return (owner, func.__name__, open_store.args, open_store.keywords)
-    return (open_store,)
-
-
-def rebuilt(portable_store: tuple) -> OpenStore:
-    if len(portable_store) == 1:
-        return portable_store[0]
-    owner, name, args, keywords = portable_store
-    return functools.partial(getattr(owner, name), *args, **keywords)
-
-
-def _sendable(result: object) -> object:
-    """A result that crosses the socket: an exception that would not pickle (or not unpickle,
-    which would break the PS's end of the link) goes as its text."""
-    if isinstance(result, BaseException):
-        try:
-            pickle.loads(pickle.dumps(result))
-        except Exception:
-            return LedgerError(f"{type(result).__name__}: {result}")
-    return result
 
 
 class WriterProcess:
@@ -349,14 +282,14 @@ class _Link:
             if self.closed:
                 return
             kind = message[0]
-            if kind == _DONE:
+            if kind == DONE:
                 _, results, retries, redos = message
                 self._deliver(results)
                 self.owner.delivered(len(results), retries, redos)
-            elif kind == _OPEN:
+            elif kind == OPEN:
                 _, ok, why, first = message
                 self.owner.opened(ok, why, first)
-            elif kind != _EXITED:
+            elif kind != EXITED:
                 self.owner.lost(self, f"an unknown message {kind!r}")
                 return
 
@@ -426,77 +359,3 @@ def _child_env() -> dict[str, str]:
 
 
 # -- in the child -------------------------------------------------------------------
-
-class _Courier:
-    """The child's stand-in for the reactor: what the writer thread would hand the reactor
-    (``callFromThread``) goes to the parent as a frame instead."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.lock = threading.Lock()
-        self.writer: GroupCommitWriter | None = None
-
-    def _send(self, message: Any) -> None:
-        with self.lock:
-            self.sock.sendall(frame(message))
-
-    def callFromThread(self, fn: Callable, *args: Any) -> None:
-        writer = self.writer
-        assert writer is not None
-        if fn == writer._deliver:
-            batch, results = args
-            self._send((_DONE, [_sendable(r) for r in results], writer.retries, writer.careful_redos))
-            writer.retries = writer.careful_redos = 0
-        elif fn == writer._opened:
-            result, first = args
-            ok = not isinstance(result, Failure)
-            self._send((_OPEN, ok, "" if ok else result.getErrorMessage(), first))
-        elif fn == writer._exited:
-            self._send((_EXITED,))
-        else:                           # log.failure(...) of a writer that failed
-            message, failure = args[0], args[1] if len(args) > 1 else None
-            print(f"ledger writer: {message}", file=sys.stderr, flush=True)
-            if isinstance(failure, Failure):
-                print(failure.getTraceback(), file=sys.stderr, flush=True)
-
-
-def serve(sock: socket.socket) -> None:
-    """The child: read the setup, then operations until None or EOF; commit as the thread does."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the PS stops it, by the None frame
-    reader = Frames()
-    setup = None
-    while setup is None:
-        data = sock.recv(READ_BYTES)
-        if not data:
-            return
-        messages = reader.feed(data)
-        if messages:
-            setup, early = messages[0], messages[1:]
-    portable_store, max_batch, commit_delay_s = setup
-    open_store = rebuilt(portable_store)
-    courier = _Courier(sock)
-    writer = GroupCommitWriter(open_store, courier, max_batch=max_batch,
-                               max_pending=sys.maxsize, commit_delay_s=commit_delay_s)
-    courier.writer = writer
-    queue = writer._queue
-
-    def put(messages: list) -> bool:
-        for ops in messages:
-            if ops is None:
-                queue.put(_STOP)
-                return False
-            for name, args in ops:
-                queue.put((None, None, name, args))
-        return True
-
-    def read() -> None:
-        going = put(early)
-        while going:
-            data = sock.recv(READ_BYTES)
-            if not data:
-                queue.put(_STOP)
-                return
-            going = put(reader.feed(data))
-
-    threading.Thread(target=read, name="mpay-ledger-writer-reader", daemon=True).start()
-    writer._run()
