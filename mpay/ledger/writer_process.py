@@ -4,10 +4,11 @@
 reactor makes a system call (a datagram sent or read, a write to the
 signature process) the writer may take the GIL, and the reactor waits to get
 it back; with PostgreSQL (psycopg's Python layers) this waiting was a fifth
-of the reactor's busy time at 120,000 transfers a minute (README, "The
-ledger writer in a process").  Here the same loop, ``GroupCommitWriter._run``,
-runs in a child process; the PS keeps the same interface (``submit_then``,
-``whenOpen``, ``stop``) and talks to it over a socket::
+of the reactor's busy time at 120,000 transfers a minute (README, "Session
+15: the ledger writer in a process of its own").  Here the same loop,
+``GroupCommitWriter._run``, runs in a child process; the PS keeps the same
+interface (``submit_then``, ``whenOpen``, ``stop``) and talks to it over a
+socket::
 
     reactor (PS)                         writer process
     submit_then -> op queued

@@ -104,7 +104,7 @@ class RedisLocationStore:
     located together) go to Redis as one MGET at the start of the next: one
     round trip, one command timer and one reply for the group, instead of a
     GET, its timer and its Deferred chain each (``mpay-load --backends
-    redis,postgres``, README "Batched location lookups").  A lone lookup waits
+    redis,postgres``, README "Session 15").  A lone lookup waits
     only for the end of its turn.
     """
 
