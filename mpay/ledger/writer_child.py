@@ -1,18 +1,19 @@
 """The ledger writer process (``python -m mpay.ledger.writer_child``): the writer thread's
 loop, ``GroupCommitWriter._run``, fed from the PS's socket instead of its reactor.
 
-A reader thread puts each frame's operations on the writer's queue (None or
-EOF: its stop); what the thread would hand the reactor goes back as frames.
+The writer's queue is the socket (None or EOF: its stop); what the thread
+would hand the reactor goes back as frames.  One thread.
 Its own module so that ``-m`` does not run a module the ``mpay.ledger``
 package has already imported.
 """
 
 from __future__ import annotations
 
+import collections
+import queue
 import signal
 import socket
 import sys
-import threading
 from typing import Any, Callable
 
 from twisted.python.failure import Failure
@@ -29,12 +30,10 @@ class _Courier:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.lock = threading.Lock()
         self.writer: GroupCommitWriter | None = None
 
     def _send(self, message: Any) -> None:
-        with self.lock:
-            self.sock.sendall(frame(message))
+        self.sock.sendall(frame(message))
 
     def callFromThread(self, fn: Callable, *args: Any) -> None:
         writer = self.writer
@@ -56,45 +55,65 @@ class _Courier:
                 print(failure.getTraceback(), file=sys.stderr, flush=True)
 
 
+class _SocketQueue:
+    """The writer's queue, read straight off the socket: ``get`` waits for a frame,
+    ``get_nowait`` takes what has arrived.  One thread, so no GIL hand-offs inside
+    the child either (a reader thread beside the loop cost both a share)."""
+
+    def __init__(self, sock: socket.socket, frames: Frames, early: list):
+        self.sock, self.frames = sock, frames
+        self.items: collections.deque = collections.deque()
+        self._add(early)
+
+    def _add(self, messages: list) -> None:
+        items = self.items
+        for ops in messages:
+            if ops is None:
+                items.append(_STOP)
+                return
+            items.extend((None, None, name, args) for name, args in ops)
+
+    def _read(self, flags: int) -> None:
+        try:
+            data = self.sock.recv(READ_BYTES, flags)
+        except BlockingIOError:
+            return
+        if not data:                        # the PS is gone: commit what came, then stop
+            self.items.append(_STOP)
+            return
+        self._add(self.frames.feed(data))
+
+    def get(self) -> Any:
+        while not self.items:
+            self._read(0)
+        return self.items.popleft()
+
+    def get_nowait(self) -> Any:
+        if not self.items:
+            self._read(socket.MSG_DONTWAIT)
+            if not self.items:
+                raise queue.Empty
+        return self.items.popleft()
+
+
 def serve(sock: socket.socket) -> None:
     """The child: read the setup, then operations until None or EOF; commit as the thread does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the PS stops it, by the None frame
-    reader = Frames()
+    frames = Frames()
     setup = None
     while setup is None:
         data = sock.recv(READ_BYTES)
         if not data:
             return
-        messages = reader.feed(data)
+        messages = frames.feed(data)
         if messages:
             setup, early = messages[0], messages[1:]
     portable_store, max_batch, commit_delay_s = setup
-    open_store = rebuilt(portable_store)
     courier = _Courier(sock)
-    writer = GroupCommitWriter(open_store, courier, max_batch=max_batch,
+    writer = GroupCommitWriter(rebuilt(portable_store), courier, max_batch=max_batch,
                                max_pending=sys.maxsize, commit_delay_s=commit_delay_s)
     courier.writer = writer
-    queue = writer._queue
-
-    def put(messages: list) -> bool:
-        for ops in messages:
-            if ops is None:
-                queue.put(_STOP)
-                return False
-            for name, args in ops:
-                queue.put((None, None, name, args))
-        return True
-
-    def read() -> None:
-        going = put(early)
-        while going:
-            data = sock.recv(READ_BYTES)
-            if not data:
-                queue.put(_STOP)
-                return
-            going = put(reader.feed(data))
-
-    threading.Thread(target=read, name="mpay-ledger-writer-reader", daemon=True).start()
+    writer._queue = _SocketQueue(sock, frames, early)     # type: ignore[assignment]
     writer._run()
 
 
