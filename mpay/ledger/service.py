@@ -238,7 +238,7 @@ class LedgerService(Service):
                 "operations": self.writer.operations,
                 "largest_batch": self.writer.largest_batch, "retries": self.writer.retries,
                 "careful_redos": self.writer.careful_redos,
-                "writer_restarts": getattr(self.writer, "restarts", 0)}
+                "writer_restarts": self.writer.restarts}
 
     # -- notices for offline payees (notices.py) ----------------------------
 

@@ -63,6 +63,21 @@ _STOP = object()
 log = Logger()
 
 
+def hand_over(then: Callable[[Any], None], failed: Callable[[Failure], None], name: str,
+              result: object) -> None:
+    """An operation's result (or exception) to its caller, on the reactor thread; one
+    caller's bug must not keep the others of its group from theirs."""
+    try:
+        if isinstance(result, BaseException):
+            if not isinstance(result, (LedgerError, ValueError)):
+                log.failure("ledger operation {op} failed", Failure(result), op=name)
+            failed(Failure(result))
+        else:
+            then(result)
+    except Exception:
+        log.failure("ledger operation {op}: its caller failed on the result", op=name)
+
+
 class GroupCommitWriter:
     """Owns the writer thread and its store; ``submit`` is called on the reactor thread."""
 
@@ -84,6 +99,7 @@ class GroupCommitWriter:
         self._open_waiters: list[defer.Deferred] = []
         self.batches = self.operations = self.largest_batch = 0
         self.retries = 0  # groups rerun after a deadlock or lock timeout (written by the thread)
+        self.restarts = 0  # a thread is never restarted (WriterProcess counts its children)
         self.careful_redos = 0  # groups whose run met the unexpected, redone the careful way
 
     def start(self) -> None:
@@ -235,15 +251,7 @@ class GroupCommitWriter:
         self.largest_batch = max(self.largest_batch, len(batch))
         self._pending -= len(batch)
         for (then, failed, name, _), result in zip(batch, results):
-            try:
-                if isinstance(result, BaseException):
-                    if not isinstance(result, (LedgerError, ValueError)):
-                        log.failure("ledger operation {op} failed", Failure(result), op=name)
-                    failed(Failure(result))
-                else:
-                    then(result)
-            except Exception:     # one caller's bug must not keep the others' results
-                log.failure("ledger operation {op}: its caller failed on the result", op=name)
+            hand_over(then, failed, name, result)
         assert self._pending >= 0, self._pending
 
     def _exited(self) -> None:

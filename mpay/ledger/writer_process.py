@@ -12,8 +12,8 @@ socket::
 
     reactor (PS)                         writer process
     submit_then -> op queued
-    end of turn: one frame of ops  ->    reader thread -> queue
-                                         GroupCommitWriter._run: group, commit, fsync
+    end of turn: one frame of ops  ->    GroupCommitWriter._run, its queue the socket:
+                                         group, commit, fsync
     results delivered, in order    <-    one frame of results a group
 
 The frames are ``writer_wire.py``'s, the child's loop ``writer_child.py``.
@@ -30,7 +30,6 @@ transaction.
 from __future__ import annotations
 
 import collections
-import os
 import socket
 import sys
 from typing import Any, Callable
@@ -41,8 +40,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mpay.children import child_env
 from mpay.ledger.api import LedgerBusy, LedgerError, LedgerStopped
-from mpay.ledger.writer import COMMIT_DELAY_S, MAX_PENDING, OpenStore
+from mpay.ledger.writer import (
+    COMMIT_DELAY_S, MAX_PENDING, GroupCommitWriter, OpenStore, hand_over,
+)
 from mpay.ledger.writer_wire import DONE, EXITED, OPEN, READ_BYTES, Frames, frame, portable
 
 CHILD_MODULE = "mpay.ledger.writer_child"
@@ -91,10 +93,7 @@ class WriterProcess:
             return defer.fail(self._open_result)
         return defer.succeed(None)
 
-    def submit(self, name: str, args: tuple) -> defer.Deferred:
-        result: defer.Deferred = defer.Deferred()
-        self.submit_then(name, args, result.callback, result.errback)
-        return result
+    submit = GroupCommitWriter.submit      # the Deferred form, on our submit_then
 
     def submit_then(self, name: str, args: tuple, then: Callable[[Any], None],
                     failed: Callable[[Failure], None]) -> None:
@@ -133,7 +132,7 @@ class WriterProcess:
         try:
             link.process = self._reactor.spawnProcess(
                 _ChildProtocol(link), sys.executable, [sys.executable, "-m", CHILD_MODULE],
-                env=_child_env(), childFDs={0: child.fileno(), 1: "r", 2: "r"})
+                env=child_env(), childFDs={0: child.fileno(), 1: "r", 2: "r"})
         except Exception:
             log.failure("ledger: the writer process did not start")
             parent.close()
@@ -299,25 +298,13 @@ class _Link:
         assert len(results) <= len(waiting), (len(results), len(waiting))
         for result in results:
             then, failed, name = waiting.popleft()
-            try:
-                if isinstance(result, BaseException):
-                    if not isinstance(result, (LedgerError, ValueError)):
-                        log.failure("ledger operation {op} failed", Failure(result), op=name)
-                    failed(Failure(result))
-                else:
-                    then(result)
-            except Exception:
-                log.failure("ledger operation {op}: its caller failed on the result", op=name)
+            hand_over(then, failed, name, result)
 
     def fail_all(self, error: LedgerError) -> int:
         waiting, self.waiting = self.waiting, collections.deque()
         self._ops.clear()
-        failure = Failure(error)
-        for _, failed, name in waiting:
-            try:
-                failed(failure)
-            except Exception:
-                log.failure("ledger operation {op}: its caller failed on the error", op=name)
+        for then, failed, name in waiting:
+            hand_over(then, failed, name, error)
         return len(waiting)
 
     def connectionLost(self, reason: Any) -> None:
@@ -351,12 +338,3 @@ class _ChildProtocol(protocol.ProcessProtocol):
     def processEnded(self, reason: Any) -> None:
         self.link.ended.callback(None)
         self.link.owner.lost(self.link, reason.getErrorMessage())
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    return env
-
-
-# -- in the child -------------------------------------------------------------------

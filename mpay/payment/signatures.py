@@ -21,7 +21,6 @@ The records and the child's loop are in ``signature_jobs.py``.
 from __future__ import annotations
 
 import collections
-import os
 import socket
 import sys
 from typing import Any, Callable, NamedTuple
@@ -33,6 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mpay.auth import tickets
+from mpay.children import child_env
 from mpay.auth.crypto import ED25519_PUBLIC_BYTES, ED25519_SIGNATURE_BYTES
 from mpay.payment.signature_jobs import (
     ANSWER, DIGEST_BYTES, JOB, READ_BYTES, READY_SEQ, verifies,
@@ -138,7 +138,7 @@ class SignatureChecks:
         try:
             link.process = self.reactor.spawnProcess(
                 _ChildProcess(link), sys.executable, [sys.executable, "-m", CHILD_MODULE],
-                env=_child_env(), childFDs={0: child.fileno(), 1: "r", 2: "r"})
+                env=child_env(), childFDs={0: child.fileno(), 1: "r", 2: "r"})
         except Exception:
             self.log.failure("ps: the signature process did not start; checking here")
             parent.close()
@@ -359,10 +359,3 @@ def _follow(ended: defer.Deferred) -> defer.Deferred:
     follower: defer.Deferred = defer.Deferred()
     ended.addBoth(lambda result: (follower.callback(None), result)[1])
     return follower
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The child imports mpay from wherever this process did (a checkout, a venv).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    return env
